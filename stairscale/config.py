@@ -1,0 +1,223 @@
+"""Typed run configuration: dataclasses, YAML files, dotted `key=value` overrides, strict checks.
+
+Every mistake is reported with the dotted name of the key at fault, before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SCHEDULES = ("staircase", "cached", "global_cached", "ladder", "transformer", "transformer_xl")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or impossible; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    schedule: str = "staircase"  # one of SCHEDULES
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    dropout: float = 0.0  # on the feed-forward hidden layer
+    attn_dropout: float = 0.0  # on attention probabilities
+    positions: str = "relative"  # "relative" (paper) or "rope"
+    attn_lim: int = 32  # keys at distance >= attn_lim are masked
+    chunk: int = 8  # F: new tokens per staircase step
+    window: int = 2  # n: chunks per staircase step (passes per token)
+    cache_len: int = 0  # cached / global_cached: tokens of final states kept
+    mem_len: int = 0  # transformer_xl / ladder: layer-input memory per layer
+    repeats: int = 1  # R: ladder repeats of the core
+
+    @property
+    def passes(self) -> int:
+        """Core passes per token."""
+        if self.schedule in ("staircase", "cached", "global_cached"):
+            return self.window
+        return self.repeats
+
+    def validate(self, segment_len: int) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"model.{key}: {why}")
+
+        need(self.schedule in SCHEDULES, "schedule", f"{self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        need(self.positions in ("relative", "rope"), "positions", f"{self.positions!r} is not relative or rope")
+        for key in ("d_model", "n_layers", "n_heads", "d_ff", "attn_lim", "chunk"):
+            need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        need(self.window >= 1, "window", f"n must be >= 1, got {self.window}")
+        need(self.repeats >= 1, "repeats", f"R must be >= 1, got {self.repeats}")
+        need(self.cache_len >= 0 and self.mem_len >= 0, "cache_len" if self.cache_len < 0 else "mem_len", "must be >= 0")
+        need(self.d_model % self.n_heads == 0, "n_heads", f"{self.n_heads} does not divide d_model={self.d_model}")
+        head_dim = self.d_model // self.n_heads
+        need(self.positions != "rope" or head_dim % 2 == 0, "positions", f"rope needs an even head_dim, got {head_dim}")
+        for key in ("dropout", "attn_dropout"):
+            need(0.0 <= getattr(self, key) < 1.0, key, "must be in [0, 1)")
+        staircase = self.schedule in ("staircase", "cached", "global_cached")
+        if staircase:
+            need(segment_len % self.chunk == 0, "chunk", f"segment length M={segment_len} is not a multiple of F={self.chunk}")
+            window_rows = self.chunk * self.window
+            need(self.attn_lim >= window_rows, "attn_lim", f"{self.attn_lim} is shorter than the window n*F={window_rows}")
+            cached = self.schedule != "staircase"
+            need(not cached or self.cache_len > 0, "cache_len", f"schedule {self.schedule} needs cache_len > 0")
+            need(cached or self.cache_len == 0, "cache_len", "only the cached schedules use a cache")
+            if cached and self.positions == "relative":
+                need(
+                    self.attn_lim >= window_rows + self.cache_len,
+                    "attn_lim",
+                    f"{self.attn_lim} is shorter than window + cache = {window_rows + self.cache_len} (relative positions)",
+                )
+            need(self.mem_len == 0, "mem_len", f"schedule {self.schedule} has no layer memory")
+        else:
+            need(self.cache_len == 0, "cache_len", f"schedule {self.schedule} has no cache")
+            need(self.schedule != "transformer" or self.mem_len == 0, "mem_len", "the transformer has no memory (use transformer_xl)")
+            need(self.schedule != "transformer_xl" or self.mem_len > 0, "mem_len", "transformer_xl needs mem_len > 0")
+            need(self.schedule == "ladder" or self.repeats == 1, "repeats", "only the ladder repeats the core")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "random_walk"  # random_walk | algorithmic | text
+    positions: int = 8  # random walk: ring size P
+    variables: int = 3  # algorithmic: 3 or 5
+    path: str = ""  # text: file or directory; "" = the Python standard library source
+    format: str = "auto"  # text: auto | files | enwik8
+    # Random walk document lengths: a curriculum of (lengths, from step). train_lengths[i] is used
+    # from step train_length_steps[i] on.
+    train_lengths: list[int] = field(default_factory=lambda: [64, 128, 256])
+    train_length_steps: list[int] = field(default_factory=lambda: [0, 300, 600])
+    eval_length: int = 256  # random walk validation/test document length
+    eval_docs: int = 64  # random walk / algorithmic: documents per validation or test evaluation (0 = all)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.name not in ("random_walk", "algorithmic", "text"):
+            raise ConfigError(f"task.name: {self.name!r} is not random_walk, algorithmic or text")
+        if len(self.train_lengths) != len(self.train_length_steps) or not self.train_lengths:
+            raise ConfigError("task.train_length_steps: needs one start step per entry of task.train_lengths")
+        if self.train_length_steps[0] != 0 or sorted(self.train_length_steps) != self.train_length_steps:
+            raise ConfigError("task.train_length_steps: must start at 0 and increase")
+        if min(self.train_lengths) < 2 or self.eval_length < 2:
+            raise ConfigError("task.train_lengths: documents need at least 2 tokens (start token + one move)")
+
+
+@dataclass
+class TrainConfig:
+    lanes: int = 32  # B: lanes per step (global batch)
+    segment_len: int = 64  # M: tokens per lane per step
+    grad_accum: int = 1  # lanes are split into this many micro-batches per step
+    steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    lr_schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0  # 0 = no clipping
+    eval_every: int = 200  # 0 = only at the end
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    threads: int = 0  # torch CPU threads, 0 = torch's default
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"train.{key}: {why}")
+
+        for key in ("lanes", "segment_len", "grad_accum", "steps"):
+            need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        need(self.lanes % self.grad_accum == 0, "grad_accum", f"{self.grad_accum} does not divide lanes={self.lanes}")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.lr_schedule in ("cosine", "constant"), "lr_schedule", f"{self.lr_schedule!r} is not cosine or constant")
+        need(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
+        need(self.precision in ("auto", "fp32", "bf16"), "precision", f"{self.precision!r} is not auto, fp32 or bf16")
+        need(self.warmup_steps >= 0 and self.grad_clip >= 0, "warmup_steps" if self.warmup_steps < 0 else "grad_clip", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str = "runs/default"
+
+    def validate(self) -> RunConfig:
+        self.task.validate()
+        self.train.validate()
+        self.model.validate(self.train.segment_len)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from nested dicts, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+    values = {key: _coerce(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{key}: union types are not supported in configs")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    is_bool_for_number = isinstance(value, bool) and hint is not bool
+    if not isinstance(value, hint) or is_bool_for_number:
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `dotted.key=value` (value parsed as YAML) to nested dict `data`."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or the built-in default), apply overrides, validate."""
+    data: dict = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"config file {path}: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path}: not valid YAML: {err}") from err
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(RunConfig, data).validate()

@@ -1,0 +1,166 @@
+"""The core: L pre-norm Transformer layers with one set of weights, called by every schedule.
+
+A core call takes query rows (their layer-0 inputs, positions and document ids) and an optional
+key/value context of earlier rows (their per-layer inputs). It returns the queries' top-layer
+outputs and their per-layer inputs, which schedules carry forward as later keys/values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stairscale.config import ModelConfig
+from stairscale.model.state import HIDDEN, Rows
+
+
+class LinearProvider:
+    """Makes the core's linear layers; a tensor-parallel provider swaps in sharded ones.
+
+    `split` says how a parallel backend would shard the layer: "column" (output features) or
+    "row" (input features). The plain provider ignores it.
+    """
+
+    def linear(self, in_features: int, out_features: int, bias: bool, split: str) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+
+@dataclass
+class AttentionGeometry:
+    """What every layer of one core call needs to know about query/key placement."""
+
+    visible: Tensor  # [B, 1, Tq, Tk] bool
+    relative_index: Tensor | None  # [Tq, Tk] column of the relative table for each pair
+    rope_q: tuple[Tensor, Tensor] | None  # cos, sin [Tq, head_dim/2]
+    rope_k: tuple[Tensor, Tensor] | None  # cos, sin [Tk, head_dim/2]
+
+
+def attention_geometry(cfg: ModelConfig, q_pos: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor) -> AttentionGeometry:
+    """Causal, span-limited, document-masked visibility, plus the position encoding inputs.
+
+    A query sees a key of the same document at distance 0 <= d < attn_lim. Every query also sees
+    itself, so padding rows (HIDDEN, invisible to all others) still have one key.
+    """
+    distance = q_pos[:, None] - k_pos[None, :]  # [Tq, Tk]
+    in_span = (distance >= 0) & (distance < cfg.attn_lim)
+    same_doc = (q_doc[:, :, None] == k_doc[:, None, :]) & (k_doc[:, None, :] != HIDDEN)
+    context = k_pos.shape[0] - q_pos.shape[0]
+    is_self = torch.zeros_like(in_span)
+    is_self[:, context:] = torch.eye(q_pos.shape[0], dtype=torch.bool, device=q_pos.device)
+    visible = (same_doc & in_span) | is_self
+    geometry = AttentionGeometry(visible[:, None], None, None, None)
+    if cfg.positions == "relative":
+        # The authors' layout: distance d lives in column attn_lim - 1 - d.
+        geometry.relative_index = (cfg.attn_lim - 1 - distance).clamp(0, cfg.attn_lim - 1)
+    else:
+        base = k_pos[0]
+        geometry.rope_q = _rope_angles(q_pos - base, cfg.d_model // cfg.n_heads)
+        geometry.rope_k = _rope_angles(k_pos - base, cfg.d_model // cfg.n_heads)
+    return geometry
+
+
+def _rope_angles(offsets: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    half = head_dim // 2
+    inv_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float32, device=offsets.device) / half)
+    angles = offsets.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def _rotate(x: Tensor, cos_sin: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotary embedding, half-split pairing: dimension i rotates with i + head_dim/2."""
+    cos, sin = cos_sin
+    first, second = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    return rotated.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, linears: LinearProvider):
+        super().__init__()
+        d = cfg.d_model
+        self.head_dim = d // cfg.n_heads
+        self.dropout = cfg.attn_dropout
+        self.q = linears.linear(d, d, bias=False, split="column")
+        self.k = linears.linear(d, d, bias=False, split="column")
+        self.v = linears.linear(d, d, bias=False, split="column")
+        self.o = linears.linear(d, d, bias=False, split="row")
+
+    def _heads(self, x: Tensor) -> Tensor:
+        batch, rows, width = x.shape
+        return x.view(batch, rows, width // self.head_dim, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, kv: Tensor, geometry: AttentionGeometry, relative_table: Tensor | None) -> Tensor:
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv))
+        mask = geometry.visible
+        if geometry.rope_q is not None:
+            q, k = _rotate(q, geometry.rope_q), _rotate(k, geometry.rope_k)
+        if relative_table is not None:
+            # score = (q.k + q.p_d) / sqrt(head_dim): add q.p_d as a bias scaled like q.k.
+            q_p = torch.matmul(q, relative_table.to(q.dtype))  # [B, H, Tq, attn_lim]
+            index = geometry.relative_index.expand(*q_p.shape[:2], -1, -1)
+            bias = q_p.gather(-1, index) / math.sqrt(self.head_dim)
+            mask = bias.masked_fill(~mask, float("-inf"))
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        batch, heads, rows, head_dim = out.shape
+        return self.o(out.transpose(1, 2).reshape(batch, rows, heads * head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig, linears: LinearProvider):
+        super().__init__()
+        self.fc1 = linears.linear(cfg.d_model, cfg.d_ff, bias=True, split="column")
+        self.fc2 = linears.linear(cfg.d_ff, cfg.d_model, bias=True, split="row")
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+class CoreLayer(nn.Module):
+    """Pre-norm layer; one LN1 normalises both the queries and their key/value context."""
+
+    def __init__(self, cfg: ModelConfig, linears: LinearProvider):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.attn = Attention(cfg, linears)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ffn = FeedForward(cfg, linears)
+
+    def forward(self, x: Tensor, context: Tensor | None, geometry: AttentionGeometry, relative_table: Tensor | None) -> Tensor:
+        kv = x if context is None else torch.cat([context, x], dim=1)
+        kv = self.norm1(kv)
+        h = x + self.attn(kv[:, -x.shape[1]:], kv, geometry, relative_table)
+        return h + self.ffn(self.norm2(h))
+
+
+class Core(nn.Module):
+    def __init__(self, cfg: ModelConfig, linears: LinearProvider):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(CoreLayer(cfg, linears) for _ in range(cfg.n_layers))
+        head_dim = cfg.d_model // cfg.n_heads
+        # One table of shape head_dim x attn_lim shared by all heads, layers and steps.
+        self.relative = nn.Parameter(torch.randn(head_dim, cfg.attn_lim) * head_dim**-0.5) if cfg.positions == "relative" else None
+        self.calls = 0  # core calls made, for the cost accounting and tests
+
+    def forward(self, x: Tensor, pos: Tensor, doc: Tensor, context: Rows | None = None) -> tuple[Tensor, Tensor]:
+        """Run the layers over query rows x [B, T, d] at positions pos [T] with documents doc [B, T].
+
+        context holds earlier rows (per-layer inputs [L or 1, B, C, d]) that the queries may attend
+        to. Returns the top outputs [B, T, d] and the queries' per-layer inputs [L, B, T, d].
+        """
+        self.calls += 1
+        k_pos = pos if context is None else torch.cat([context.pos, pos])
+        k_doc = doc if context is None else torch.cat([context.doc, doc], dim=1)
+        geometry = attention_geometry(self.cfg, pos, doc, k_pos, k_doc)
+        inputs = []
+        for index, layer in enumerate(self.layers):
+            inputs.append(x)
+            layer_context = None if context is None else context.h[min(index, context.h.shape[0] - 1)]
+            x = layer(x, layer_context, geometry, self.relative)
+        return x, torch.stack(inputs)

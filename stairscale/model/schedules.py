@@ -1,0 +1,88 @@
+"""Schedules: which rows the core sees at each call and what is carried to the next segment.
+
+Both schedules take the segment's token embeddings x [B, M, d] with positions pos [M] and key
+document ids doc [B, M], plus the rows carried in from the previous segment, and return the final
+top-layer rows [B, M, d] (each token exactly once) and the rows to carry out (detached).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from stairscale.config import ModelConfig
+from stairscale.model.core import Core
+from stairscale.model.state import Rows
+
+
+class StaircaseSchedule:
+    """Staircase (Fig. 1a), and with a cache of final rows, Cached / Global Cached (Fig. 1b, 1c).
+
+    Step s of a segment of K chunks holds the window of chunks max(0, s-n+1) .. min(s, K-1): the
+    new chunk s as embeddings, older chunks as their top outputs from step s-1. Steps K .. K+n-2
+    are drain steps with no new chunk. Rows from before the segment are not recomputed: for its
+    first n-1 steps the segment reads them from the carried "step{s}" rows, which hold exactly the
+    per-layer key/value context those rows had in the previous segment's drain step s.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        self.chunk = cfg.chunk
+        self.window = cfg.window
+        self.cache_len = cfg.cache_len
+
+    def __call__(self, core: Core, x: Tensor, pos: Tensor, doc: Tensor, carried: dict[str, Rows]) -> tuple[Tensor, dict[str, Rows]]:
+        F, n = self.chunk, self.window
+        K = x.shape[1] // F
+        cache = carried.get("cache")
+        finals, carry_out = [], {}
+        previous_top = None
+        for s in range(K + n - 1):
+            oldest, newest = max(0, s - n + 1), min(s, K - 1)
+            queries = []
+            if previous_top is not None:
+                # Drop the chunk that became final at step s-1.
+                queries.append(previous_top[:, F:] if s >= n else previous_top)
+            if s < K:
+                queries.append(x[:, s * F : (s + 1) * F])
+            rows = slice(oldest * F, (newest + 1) * F)
+            from_before = carried.get(f"step{s}")
+            window_start = int(pos[0]) + (s - n + 1) * F
+            visible_cache = cache.between(window_start - self.cache_len, window_start) if cache is not None else None
+            top, layer_inputs = core(torch.cat(queries, dim=1), pos[rows], doc[:, rows], Rows.cat([visible_cache, from_before]))
+            if s >= K:
+                drain_context = Rows.cat([from_before, Rows(layer_inputs, pos[rows], doc[:, rows])])
+                carry_out[f"step{s - K}"] = drain_context.detach()
+            if s >= n - 1:  # the oldest chunk has had its n-th pass
+                finals.append(top[:, :F])
+                if self.cache_len:
+                    final_rows = Rows(top[None, :, :F], pos[rows][:F], doc[:, rows][:, :F])
+                    cache = Rows.cat([cache, final_rows]).last(self.cache_len + (n - 1) * F)
+            previous_top = top
+        if self.cache_len:
+            carry_out["cache"] = cache.detach()
+        return torch.cat(finals, dim=1), carry_out
+
+
+class LadderSchedule:
+    """Transformer (R=1), Transformer-XL (R=1, mem_len>0) and Ladder (R>1): the core R times
+    over the whole segment; with memory, each (repeat, layer) attends to its own detached
+    memory of earlier layer inputs."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.repeats = cfg.repeats
+        self.mem_len = cfg.mem_len
+
+    def __call__(self, core: Core, x: Tensor, pos: Tensor, doc: Tensor, carried: dict[str, Rows]) -> tuple[Tensor, dict[str, Rows]]:
+        carry_out = {}
+        for r in range(self.repeats):
+            memory = carried.get(f"memory{r}")
+            x, layer_inputs = core(x, pos, doc, memory)
+            if self.mem_len:
+                carry_out[f"memory{r}"] = Rows.cat([memory, Rows(layer_inputs, pos, doc)]).last(self.mem_len).detach()
+        return x, carry_out
+
+
+def make_schedule(cfg: ModelConfig) -> StaircaseSchedule | LadderSchedule:
+    if cfg.schedule in ("staircase", "cached", "global_cached"):
+        return StaircaseSchedule(cfg)
+    return LadderSchedule(cfg)

@@ -1,0 +1,133 @@
+"""The recurrent state a model carries from one segment to the next.
+
+All lanes of a batch advance in lockstep (every lane consumes M tokens per step), so stream
+positions are shared by the lanes while document ids are per lane.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+HIDDEN = -1  # document id of a row that no query may attend to (padding, reset lanes)
+
+
+@dataclass
+class Rows:
+    """Per-layer hidden rows with their stream positions and document ids.
+
+    h:   [L, B, T, d] the layer-l *inputs* of T rows of B lanes (L may be 1 for rows that every
+         layer reads, such as the cache of final outputs)
+    pos: [T] stream positions, ascending, shared by all lanes
+    doc: [B, T] document id of each row; HIDDEN rows are never visible as keys
+    """
+
+    h: Tensor
+    pos: Tensor
+    doc: Tensor
+
+    def __len__(self) -> int:
+        return self.pos.shape[0]
+
+    @staticmethod
+    def cat(parts: list[Rows | None]) -> Rows | None:
+        parts = [p for p in parts if p is not None and len(p) > 0]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        layers = max(p.h.shape[0] for p in parts)
+        return Rows(
+            h=torch.cat([p.h.expand(layers, -1, -1, -1) for p in parts], dim=2),
+            pos=torch.cat([p.pos for p in parts]),
+            doc=torch.cat([p.doc for p in parts], dim=1),
+        )
+
+    def between(self, start: int, stop: int) -> Rows:
+        """The rows whose position is in [start, stop)."""
+        keep = (self.pos >= start) & (self.pos < stop)
+        return Rows(self.h[:, :, keep], self.pos[keep], self.doc[:, keep])
+
+    def last(self, count: int) -> Rows:
+        start = max(0, len(self) - count)
+        return Rows(self.h[:, :, start:], self.pos[start:], self.doc[:, start:])
+
+    def detach(self) -> Rows:
+        return Rows(self.h.detach(), self.pos, self.doc)
+
+    def hide_lanes(self, lanes: Tensor) -> Rows:
+        return Rows(self.h, self.pos, self.doc.masked_fill(lanes[:, None], HIDDEN))
+
+    def select_lanes(self, index: Tensor) -> Rows:
+        return Rows(self.h[:, index], self.pos, self.doc[index])
+
+
+class RecurrentState:
+    """What a model carries across a segment boundary, for B lanes.
+
+    position: tokens consumed so far by every lane
+    doc:      [B] id of the document each lane is in (ids grow by one at every document start)
+    rows:     named per-layer rows, owned by the schedule (e.g. "step0", "cache", "memory1")
+    """
+
+    def __init__(self, position: int, doc: Tensor, rows: dict[str, Rows]):
+        self.position = position
+        self.doc = doc
+        self.rows = rows
+
+    @classmethod
+    def initial(cls, lanes: int, device: torch.device | str = "cpu") -> RecurrentState:
+        """A fresh stream: no carried rows (absent, not zero)."""
+        return cls(0, torch.zeros(lanes, dtype=torch.long, device=device), {})
+
+    @property
+    def lanes(self) -> int:
+        return self.doc.shape[0]
+
+    def reset(self, lanes: Tensor) -> RecurrentState:
+        """Forget everything carried for the lanes where `lanes` is True (a new stream starts)."""
+        rows = {name: r.hide_lanes(lanes) for name, r in self.rows.items()}
+        return RecurrentState(self.position, self.doc + lanes.long(), rows)
+
+    def detach(self) -> RecurrentState:
+        return RecurrentState(self.position, self.doc, {k: r.detach() for k, r in self.rows.items()})
+
+    def select_lanes(self, index: Tensor) -> RecurrentState:
+        rows = {k: r.select_lanes(index) for k, r in self.rows.items()}
+        return RecurrentState(self.position, self.doc[index], rows)
+
+    @staticmethod
+    def cat_lanes(states: list[RecurrentState]) -> RecurrentState:
+        """Join states of disjoint lane groups (same position, same row layout) along the lanes."""
+        first = states[0]
+        rows = {
+            name: Rows(
+                torch.cat([s.rows[name].h for s in states], dim=1),
+                first.rows[name].pos,
+                torch.cat([s.rows[name].doc for s in states], dim=0),
+            )
+            for name in first.rows
+        }
+        return RecurrentState(first.position, torch.cat([s.doc for s in states]), rows)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {"position": torch.tensor(self.position), "doc": self.doc}
+        for name, r in self.rows.items():
+            out[f"rows.{name}.h"] = r.h
+            out[f"rows.{name}.pos"] = r.pos
+            out[f"rows.{name}.doc"] = r.doc
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.position = int(state["position"])
+        self.doc = state["doc"]
+        names = {key.split(".")[1] for key in state if key.startswith("rows.")}
+        self.rows = {
+            n: Rows(state[f"rows.{n}.h"], state[f"rows.{n}.pos"], state[f"rows.{n}.doc"]) for n in names
+        }
+
+    def to(self, device: torch.device | str) -> RecurrentState:
+        rows = {k: Rows(r.h.to(device), r.pos.to(device), r.doc.to(device)) for k, r in self.rows.items()}
+        return RecurrentState(self.position, self.doc.to(device), rows)

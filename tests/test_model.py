@@ -1,0 +1,199 @@
+"""The semantics of the model family, pinned in float64 on tiny sizes."""
+
+import pytest
+import torch
+
+from stairscale.config import ModelConfig
+from stairscale.model.lm import StaircaseLM
+from stairscale.model.state import RecurrentState
+
+VOCAB, PAD = 11, 0
+TOL = 1e-6
+
+STATEFUL = {
+    "staircase_n2": dict(schedule="staircase", chunk=4, window=2, attn_lim=12),
+    "staircase_n3": dict(schedule="staircase", chunk=4, window=3, attn_lim=12),
+    "cached": dict(schedule="cached", chunk=4, window=2, cache_len=8, attn_lim=16),
+    "global_cached": dict(schedule="global_cached", chunk=4, window=3, cache_len=40, attn_lim=52),
+    "transformer_xl": dict(schedule="transformer_xl", mem_len=11, attn_lim=12),
+    "ladder_memory": dict(schedule="ladder", repeats=2, mem_len=11, attn_lim=12),
+}
+
+
+def make_model(positions="relative", seed=0, **overrides):
+    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, positions=positions, **overrides)
+    torch.manual_seed(seed)
+    return StaircaseLM(cfg, VOCAB, PAD).double().eval()
+
+
+def stream(lanes=3, length=48, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCAB, (lanes, length), generator=gen)
+    starts = torch.zeros(lanes, length, dtype=torch.bool)
+    starts[:, 0] = True
+    return tokens, starts
+
+
+def run_segments(model, tokens, starts, lengths):
+    state = model.initial_state(tokens.shape[0])
+    outputs, begin = [], 0
+    for length in lengths:
+        out, state = model(tokens[:, begin : begin + length], starts[:, begin : begin + length], state)
+        outputs.append(out)
+        begin += length
+    assert begin == tokens.shape[1]
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("positions", ["relative", "rope"])
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_segmentation_invariance(name, positions):
+    """One unbroken pass equals any segmentation, including M < (n-1)F and uneven segments."""
+    model = make_model(positions, **STATEFUL[name])
+    tokens, starts = stream()
+    starts[1, 20] = True  # a second document in lane 1, chunk aligned
+    whole = run_segments(model, tokens, starts, [48])
+    for lengths in ([8] * 6, [4] * 12, [16, 4, 8, 12, 8], [4, 4, 32, 8], [24, 24]):
+        split = run_segments(model, tokens, starts, lengths)
+        assert (split - whole).abs().max() < TOL, lengths
+
+
+@pytest.mark.parametrize("schedule", [dict(schedule="transformer"), dict(schedule="ladder", repeats=2)])
+def test_memoryless_models_see_only_their_segment(schedule):
+    model = make_model(attn_lim=24, **schedule)
+    tokens, starts = stream(length=32)
+    split = run_segments(model, tokens, starts, [16, 16])
+    alone = run_segments(model, tokens[:, 16:], torch.zeros_like(starts[:, 16:]), [16])
+    whole = run_segments(model, tokens, starts, [32])
+    assert (split[:, 16:] - alone).abs().max() < TOL
+    assert (split[:, 16:] - whole[:, 16:]).abs().max() > 1e-3  # so they are not segmentation invariant
+
+
+def reference_staircase(model, tokens):
+    """The staircase by its definition: every step recomputes its whole window from scratch."""
+    cfg, core = model.cfg, model.core
+    F, n, lanes = cfg.chunk, cfg.window, tokens.shape[0]
+    chunks = tokens.shape[1] // F
+    doc = torch.ones(tokens.shape, dtype=torch.long)
+    pos = torch.arange(tokens.shape[1])
+    embedded = model.embed(tokens)
+    top = {}  # chunk -> its top output from the previous step
+    finals = [None] * chunks
+    for k in range(chunks + n - 1):
+        window = [j for j in range(k - n + 1, k + 1) if 0 <= j < chunks]
+        x = torch.cat([embedded[:, j * F : (j + 1) * F] if j == k else top[j] for j in window], dim=1)
+        rows = torch.cat([pos[j * F : (j + 1) * F] for j in window])
+        out, _ = core(x, rows, doc[:, : len(rows)])
+        for i, j in enumerate(window):
+            top[j] = out[:, i * F : (i + 1) * F]
+            if k - j == n - 1:
+                finals[j] = top[j]
+    return torch.log_softmax(model.head(model.head_norm(torch.cat(finals, dim=1))), dim=-1)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_staircase_matches_its_definition(window):
+    model = make_model(schedule="staircase", chunk=4, window=window, attn_lim=12)
+    tokens, starts = stream(length=24)
+    expected = reference_staircase(model, tokens)
+    assert (run_segments(model, tokens, starts, [8, 4, 12]) - expected).abs().max() < TOL
+
+
+def test_every_token_gets_one_loss_term_from_its_final_pass():
+    model = make_model(schedule="staircase", chunk=4, window=3, attn_lim=12)
+    tokens, starts = stream(lanes=2, length=16)
+    head_rows = []
+    model.head.register_forward_hook(lambda module, args, out: head_rows.append(out.shape[:2]))
+    model.core.calls = 0
+    logprobs, _ = model(tokens, starts, model.initial_state(2))
+    assert head_rows == [torch.Size([2, 16])]  # the head sees each token once
+    assert model.core.calls == 16 // 4 + 3 - 1  # M/F + n - 1 sequential core calls
+    # The row given to the head is the n-th pass: it matches the definition only at pass n.
+    assert (logprobs - reference_staircase(model, tokens)).abs().max() < TOL
+
+
+def test_causality():
+    """No output depends on a later input: gradients to later embeddings are exactly zero."""
+    for name, overrides in STATEFUL.items():
+        model = make_model(**overrides)
+        tokens, starts = stream(lanes=1, length=16)
+        captured = []
+
+        def capture(module, args, out):
+            out = out.detach().requires_grad_()
+            captured.append(out)
+            return out
+
+        hook = model.embed.register_forward_hook(capture)
+        logprobs, _ = model(tokens, starts, model.initial_state(1))
+        hook.remove()
+        for t in range(16):
+            (grad,) = torch.autograd.grad(logprobs[0, t].max(), captured[0], retain_graph=True)
+            assert grad[0, t + 1 :].abs().sum() == 0, (name, t)
+            assert grad[0, : t + 1].abs().max() > 0, (name, t)
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_document_equals_fresh_model(name):
+    """A chunk-aligned document gives the outputs a fresh model gives on it alone; lanes are independent."""
+    model = make_model(**STATEFUL[name])
+    tokens, starts = stream(lanes=2, length=40, seed=3)
+    tokens[0, 10:12] = PAD  # document 1 of lane 0 ends at 10, padded to the chunk boundary 12
+    starts[0, 12] = True
+    out = run_segments(model, tokens, starts, [8, 16, 16])
+    alone = run_segments(model, tokens[:1, 12:], starts[:1, 12:], [28])
+    assert (out[0, 12:] - alone[0]).abs().max() < TOL
+    lane1 = run_segments(model, tokens[1:], starts[1:], [8, 16, 16])
+    assert (out[1] - lane1[0]).abs().max() < TOL
+
+
+def test_reset_forgets_carried_rows():
+    model = make_model(**STATEFUL["staircase_n2"])
+    tokens, starts = stream(lanes=2, length=16)
+    _, state = model(tokens, starts, model.initial_state(2))
+    fresh, _ = model(tokens, starts, model.initial_state(2))
+    reset = state.reset(torch.tensor([True, False]))
+    no_starts = torch.zeros_like(starts)
+    out, _ = model(tokens, no_starts, reset)
+    carried, _ = model(tokens, no_starts, state)
+    assert (out[0] - fresh[0]).abs().max() < TOL
+    assert (out[1] - carried[1]).abs().max() < TOL
+    assert (carried[0] - fresh[0]).abs().max() > 1e-3
+
+
+def test_equal_parameter_counts():
+    counts = {
+        name: sum(p.numel() for p in make_model(**dict(overrides, attn_lim=52)).parameters())
+        for name, overrides in STATEFUL.items()
+    }
+    counts["transformer"] = sum(p.numel() for p in make_model(schedule="transformer", attn_lim=52).parameters())
+    assert len(set(counts.values())) == 1, counts
+
+
+@pytest.mark.parametrize("positions", ["relative", "rope"])
+def test_staircase_n1_is_a_chunked_transformer(positions):
+    staircase = make_model(positions, schedule="staircase", chunk=4, window=1, attn_lim=12)
+    transformer = make_model(positions, schedule="transformer", attn_lim=12)
+    tokens, starts = stream(length=24)
+    expected = run_segments(transformer, tokens, starts, [4] * 6)
+    assert (run_segments(staircase, tokens, starts, [24]) - expected).abs().max() < TOL
+
+
+@pytest.mark.parametrize("memory", [0, 11])
+def test_ladder_r1_is_the_transformer(memory):
+    ladder = make_model(schedule="ladder", repeats=1, mem_len=memory, attn_lim=12)
+    baseline = make_model(schedule="transformer_xl" if memory else "transformer", mem_len=memory, attn_lim=12)
+    tokens, starts = stream(length=24)
+    assert (run_segments(ladder, tokens, starts, [12, 12]) - run_segments(baseline, tokens, starts, [12, 12])).abs().max() < TOL
+
+
+def test_state_dict_round_trip():
+    model = make_model(**STATEFUL["cached"])
+    tokens, starts = stream(length=16)
+    _, state = model(tokens, starts, model.initial_state(3))
+    restored = RecurrentState.initial(3)
+    restored.load_state_dict({k: v.clone() for k, v in state.state_dict().items()})
+    a, _ = model(tokens, starts * False, state)
+    b, _ = model(tokens, starts * False, restored)
+    assert torch.equal(a, b)
+    assert set(state.rows) == {"step0", "cache"}
