@@ -1,0 +1,69 @@
+"""Metrics as the tasks define them: error % over supervised positions, or bits per byte."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stairscale.data.tasks import IGNORE
+
+
+class Tally:
+    """Sums of loss and errors over supervised positions, also by position in the document."""
+
+    def __init__(self, labelled: bool):
+        self.labelled = labelled
+        self.nll = 0.0
+        self.count = 0
+        self.errors = 0
+        self.errors_at = np.zeros(0, dtype=np.int64)  # by position in the document (labelled tasks)
+        self.count_at = np.zeros(0, dtype=np.int64)
+
+    def add(self, logprobs: Tensor, targets: Tensor, doc_pos: Tensor) -> None:
+        supervised = targets != IGNORE
+        picked = logprobs[supervised]
+        wanted = targets[supervised]
+        self.nll += -picked.gather(1, wanted[:, None]).sum().item()
+        self.count += int(supervised.sum())
+        if self.labelled:
+            wrong = (picked.argmax(-1) != wanted).cpu().numpy()
+            positions = doc_pos[supervised].cpu().numpy()
+            self.errors += int(wrong.sum())
+            size = int(positions.max()) + 1 if len(positions) else 0
+            if size > len(self.count_at):
+                self.errors_at = np.pad(self.errors_at, (0, size - len(self.errors_at)))
+                self.count_at = np.pad(self.count_at, (0, size - len(self.count_at)))
+            np.add.at(self.errors_at, positions, wrong)
+            np.add.at(self.count_at, positions, 1)
+
+    def error_from(self, start: int, stop: int | None = None) -> float:
+        """Error % over supervised positions start <= position < stop of each document."""
+        errors, count = self.errors_at[start:stop].sum(), self.count_at[start:stop].sum()
+        return 100.0 * errors / count if count else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        loss = self.nll / max(self.count, 1)
+        out = {"loss": loss, "targets": self.count}
+        if self.labelled:
+            out["error"] = 100.0 * self.errors / max(self.count, 1)
+        else:
+            out["bpb"] = loss / math.log(2)
+        return out
+
+    def error_by_position(self, bucket: int) -> list[tuple[int, float]]:
+        """(first position, error %) for each bucket of positions along the document."""
+        return [(start, self.error_from(start, start + bucket)) for start in range(0, len(self.count_at), bucket) if self.count_at[start : start + bucket].sum()]
+
+
+def headline(summary: dict[str, float]) -> str:
+    if "error" in summary:
+        return f"error {summary['error']:.2f}%"
+    return f"bpb {summary['bpb']:.4f}"
+
+
+def supervised_nll(logprobs: Tensor, targets: Tensor) -> Tensor:
+    """Summed negative log-likelihood over supervised positions."""
+    return torch.nn.functional.nll_loss(logprobs.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
