@@ -142,6 +142,7 @@ class Trainer:
         results["valid"] = self._evaluate("valid", t.steps)
         test = self._test_tally()
         results["test"] = test.summary()
+        self._scalars("test", results["test"], t.steps)
         if self.labelled:
             results["test_error_by_position"] = test.error_by_position(bucket=32)
         results.update(self._facts())

@@ -1,0 +1,197 @@
+"""`stairscale reproduce tracking`: Transformer-XL, Ladder and Staircase with one core on the
+random walk and the algorithmic task, with a paper-style table beside the paper's numbers.
+
+Every run is a plain `stairscale train` of a config written here; the quick variant runs two of
+them at a time on one CPU thread each (tiny models are bound by per-operation overhead, so two
+single-thread processes do twice the work of one two-thread process).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from stairscale.cli import evaluate_run
+
+PAPER = {  # error %, from the paper's Table (random walk, algorithmic)
+    "transformer_xl": (84.1, 48.7),
+    "ladder": (0.1, 45.1),
+    "staircase": (0.1, 0.2),
+}
+
+CORE = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, positions="relative", attn_lim=32)
+MODELS = {
+    "transformer_xl": dict(schedule="transformer_xl", mem_len=32),
+    "ladder": dict(schedule="ladder", repeats=2, mem_len=32),
+    "staircase": dict(schedule="staircase", chunk=8, window=2),
+}
+
+
+@dataclass
+class Budget:
+    """How long each run trains, per variant."""
+
+    walk_steps: dict[str, int]
+    walk_lengths: list[int]
+    walk_length_steps: list[float]  # fractions of the run
+    walk_eval_lengths: list[int]
+    algo_steps: int
+    lanes: int
+    threads: int
+    parallel: int
+    device: str
+
+
+QUICK = Budget(
+    walk_steps={"transformer_xl": 1500, "ladder": 1200, "staircase": 5000},
+    walk_lengths=[64, 128, 256],
+    walk_length_steps=[0.0, 0.25, 0.5],
+    walk_eval_lengths=[128, 256],
+    algo_steps=600,
+    lanes=32,
+    threads=1,
+    parallel=2,
+    device="cpu",
+)
+FULL = Budget(
+    walk_steps={"transformer_xl": 3000, "ladder": 3000, "staircase": 6000},
+    walk_lengths=[64, 128, 256, 512, 1024],
+    walk_length_steps=[0.0, 0.15, 0.3, 0.45, 0.6],
+    walk_eval_lengths=[128, 1024],
+    algo_steps=3000,
+    lanes=128,
+    threads=0,
+    parallel=1,
+    device="auto",
+)
+
+
+def run_config(task: str, model: str, budget: Budget, out: Path) -> dict:
+    train = dict(lanes=budget.lanes, segment_len=64, lr=3e-3, warmup_steps=100, lr_schedule="cosine",
+                 eval_every=0, log_every=100, threads=budget.threads, device=budget.device)
+    if task == "random_walk":
+        steps = budget.walk_steps[model]
+        task_cfg = dict(name="random_walk", positions=8, train_lengths=budget.walk_lengths,
+                        train_length_steps=[int(f * steps) for f in budget.walk_length_steps],
+                        eval_length=budget.walk_eval_lengths[-1], eval_docs=128)
+    else:
+        steps = budget.algo_steps
+        task_cfg = dict(name="algorithmic", variables=3, eval_docs=256)
+        train.update(lr=1e-3, grad_clip=0.1)
+    train.update(steps=steps, eval_every=max(steps // 5, 1))
+    return dict(model={**CORE, **MODELS[model]}, task=task_cfg, train=train, run_dir=str(out / f"{task}_{model}"))
+
+
+def launch(config: dict) -> subprocess.Popen:
+    run_dir = Path(config["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "requested.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    log = open(run_dir / "train.log", "w")
+    command = [sys.executable, "-m", "stairscale.cli", "train", "--config", str(run_dir / "requested.yaml")]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_all(configs: list[dict], parallel: int) -> None:
+    """Run the configs, `parallel` at a time, longest first; stop on the first failure."""
+    pending = sorted(configs, key=lambda c: -c["train"]["steps"] * (2 if c["model"]["schedule"] == "staircase" else 1))
+    running: list[tuple[subprocess.Popen, dict]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            config = pending.pop(0)
+            print(f"  start {config['run_dir']} ({config['train']['steps']} steps)", flush=True)
+            running.append((launch(config), config))
+        time.sleep(2)
+        for proc, config in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, config))
+                if proc.returncode:
+                    raise RuntimeError(f"{config['run_dir']} failed (exit {proc.returncode}); see its train.log")
+                print(f"  done  {config['run_dir']}", flush=True)
+
+
+def reproduce_tracking(quick: bool, out: Path) -> dict:
+    budget = QUICK if quick else FULL
+    started = time.time()
+    configs = [run_config(task, model, budget, out) for task in ("random_walk", "algorithmic") for model in MODELS]
+    print(f"reproduce tracking ({'quick' if quick else 'full'}): {len(configs)} runs into {out}", flush=True)
+    run_all(configs, budget.parallel)
+    report = score(out, budget)
+    report["wall_seconds"] = time.time() - started
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    table = render(report)
+    (out / "table.md").write_text(table)
+    print(table)
+    return report
+
+
+def score(out: Path, budget: Budget) -> dict:
+    """Score the final checkpoints: random walk by document length and by position, algorithmic test."""
+    txl_reach = json.loads((out / "random_walk_transformer_xl" / "results.json").read_text())["reach"]
+    report = {"txl_reach": txl_reach, "models": {}}
+    for model in MODELS:
+        walk_dir, algo_dir = out / f"random_walk_{model}", out / f"algorithmic_{model}"
+        walk_results = json.loads((walk_dir / "results.json").read_text())
+        algo_results = json.loads((algo_dir / "results.json").read_text())
+        entry = {
+            "parameters": walk_results["parameters"],
+            "passes_per_token": walk_results["passes_per_token"],
+            "walk": {},
+            "walk_curve": walk_results["curve"],
+            "algo_error": algo_results["test"]["error"],
+            "algo_curve": algo_results["curve"],
+            "algo_error_by_position": algo_results["test_error_by_position"],
+        }
+        for length in budget.walk_eval_lengths:
+            scored = evaluate_run(str(walk_dir), "test", [f"task.eval_length={length}", "task.eval_docs=256"])
+            entry["walk"][length] = {
+                "error": scored["error"],
+                "beyond_txl_reach": _error_from(scored["error_by_position"], txl_reach),
+                "error_by_position": scored["error_by_position"],
+            }
+        report["models"][model] = entry
+    return report
+
+
+def _error_from(by_position: list, start: int) -> float:
+    # Buckets are 32 positions wide and the reach is a multiple of 32 in these configs.
+    kept = [error for first, error in by_position if first >= start]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def render(report: dict) -> str:
+    models = report["models"]
+    lengths = list(next(iter(models.values()))["walk"])
+    longest = lengths[-1]
+    reach = report["txl_reach"]
+    lines = [
+        f"Random walk (P=8, chance 87.5%) and algorithmic task (3 variables); Transformer-XL reach = {reach} tokens.",
+        "",
+        "| model | parameters | passes/token | "
+        + " | ".join(f"walk err % ({n}-token docs)" for n in lengths)
+        + f" | walk err % beyond pos {reach} ({longest}-token docs) | algorithmic err % | paper walk | paper algorithmic |",
+        "|---" * (6 + len(lengths)) + "|",
+    ]
+    for name, entry in models.items():
+        walk = " | ".join(f"{entry['walk'][n]['error']:.1f}" for n in lengths)
+        paper_walk, paper_algo = PAPER[name]
+        lines.append(
+            f"| {name} | {entry['parameters']:,} | {entry['passes_per_token']} | {walk} | "
+            f"{entry['walk'][longest]['beyond_txl_reach']:.1f} | {entry['algo_error']:.1f} | {paper_walk} | {paper_algo} |"
+        )
+    lines += ["", f"Random-walk error % by position along {longest}-token test documents (bucket start: error):"]
+    for name, entry in models.items():
+        curve = ", ".join(f"{first}: {error:.1f}" for first, error in entry["walk"][longest]["error_by_position"])
+        lines.append(f"- {name}: {curve}")
+    lines += ["", "Learning curves (validation error % by step):"]
+    for name, entry in models.items():
+        walk = ", ".join(f"{p['step']}: {p['valid_error']:.1f}" for p in entry["walk_curve"])
+        algo = ", ".join(f"{p['step']}: {p['valid_error']:.1f}" for p in entry["algo_curve"])
+        lines.append(f"- {name}: random walk [{walk}]; algorithmic [{algo}]")
+    lines.append(f"\nwall time {report.get('wall_seconds', 0) / 60:.1f} min")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,60 @@
+import pytest
+
+from stairscale.config import ConfigError, load_config
+
+
+def error_for(*overrides, path=None):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+def test_default_is_valid():
+    cfg = load_config()
+    assert cfg.model.schedule == "staircase" and cfg.task.name == "random_walk"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.steps=7", "model.dropout=0", "task.train_lengths=[8]", "task.train_length_steps=[0]"])
+    assert cfg.train.steps == 7 and cfg.model.dropout == 0.0 and cfg.task.train_lengths == [8]
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.windw=2"], "model.windw"),
+        (["trian.steps=2"], "trian"),
+        (["train.steps=ten"], "train.steps"),
+        (["train.steps=true"], "train.steps"),
+        (["model.positions=absolute"], "model.positions"),
+        (["model.schedule=rnn"], "model.schedule"),
+        (["model.window=0"], "model.window"),
+        (["model.chunk=12"], "model.chunk"),  # M=64 is not a multiple of F=12
+        (["model.attn_lim=8"], "model.attn_lim"),  # shorter than the window n*F = 16
+        (["model.schedule=cached", "model.cache_len=16", "model.attn_lim=24"], "model.attn_lim"),  # < S + cache
+        (["model.schedule=cached"], "model.cache_len"),
+        (["model.schedule=transformer_xl"], "model.mem_len"),
+        (["model.n_heads=3"], "model.n_heads"),
+        (["train.grad_accum=3"], "train.grad_accum"),
+        (["train.lr_schedule=linear"], "train.lr_schedule"),
+        (["task.name=chess"], "task.name"),
+        (["task.train_length_steps=[0]"], "task.train_length_steps"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key):
+    assert error_for(*overrides).startswith(key)
+
+
+def test_rope_allows_cache_beyond_attn_lim():
+    load_config(None, ["model.schedule=cached", "model.cache_len=64", "model.positions=rope", "model.attn_lim=32"])
+
+
+def test_bad_file(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    assert str(missing) in error_for(path=missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2")
+    assert str(bad) in error_for(path=bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model:\n  d_model: 64\n  layers: 2\n")
+    assert error_for(path=wrong).startswith("model.layers")

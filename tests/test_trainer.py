@@ -1,0 +1,91 @@
+"""End to end: real runs of the trainer and the command line on tiny configs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from stairscale.config import load_config
+from stairscale.data.streams import eval_documents
+from stairscale.train.trainer import Trainer, evaluate
+
+TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
+        "model.chunk=4", "model.attn_lim=16", "train.log_every=2", "train.eval_every=3", "task.eval_docs=8"]
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(None, TINY + [f"run_dir={tmp_path / 'run'}", *overrides])
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        ["task.name=random_walk", "task.train_lengths=[20]", "task.train_length_steps=[0]", "task.eval_length=40"],
+        ["task.name=algorithmic"],
+    ],
+)
+def test_training_writes_results_tensorboard_and_checkpoint(tmp_path, task):
+    cfg = tiny(tmp_path, "train.steps=6", *task)
+    results = Trainer(cfg, quiet=True).train()
+    run = tmp_path / "run"
+    assert 0 <= results["test"]["error"] <= 100
+    assert json.loads((run / "results.json").read_text())["test"] == results["test"]
+    assert (run / "checkpoint.pt").is_file() and (run / "config.yaml").is_file()
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/error", "train/lr", "train/grad_norm", "train/tokens_per_s", "valid/error", "test/loss"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+
+
+def test_text_task_reports_bits_per_byte(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"f{i}.txt").write_text(f"file {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 5 + 1))
+    cfg = tiny(tmp_path, "train.steps=4", "task.name=text", f"task.path={corpus}")
+    results = Trainer(cfg, quiet=True).train()
+    assert 0 < results["test"]["bpb"] < 10 and "error" not in results["test"]
+
+
+def test_loss_decreases_on_the_random_walk(tmp_path):
+    cfg = tiny(tmp_path, "train.steps=60", "train.lr=0.01", "train.warmup_steps=5", "task.train_lengths=[16]",
+               "task.train_length_steps=[0]", "task.eval_length=16", "train.eval_every=0")
+    trainer = Trainer(cfg, quiet=True)
+    documents = eval_documents(trainer.task, cfg.task, "test", cfg.train.lanes)
+    before = evaluate(trainer.model, cfg, documents, trainer.device, labelled=True).summary()["loss"]
+    after = trainer.train()["test"]["loss"]
+    assert after < before - 0.3, (before, after)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    params = []
+    for accum in (1, 2):
+        cfg = tiny(tmp_path / str(accum), "train.steps=2", f"train.grad_accum={accum}", "train.eval_every=0",
+                   "task.train_lengths=[24]", "task.train_length_steps=[0]", "task.eval_docs=2")
+        trainer = Trainer(cfg, quiet=True)
+        trainer.train()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    assert (params[0] - params[1]).abs().max() < 1e-5
+
+
+def test_cli_train_then_eval_agree(tmp_path):
+    run = tmp_path / "cli"
+    overrides = TINY + ["train.steps=3", f"run_dir={run}", "task.train_lengths=[20]", "task.train_length_steps=[0]"]
+    cmd = [sys.executable, "-m", "stairscale.cli"]
+    trained = subprocess.run(cmd + ["train"] + [a for o in overrides for a in ("--set", o)], capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    assert "test: error" in trained.stdout and "ETA" in trained.stdout
+    scored = subprocess.run(cmd + ["eval", "--run", str(run)], capture_output=True, text=True)
+    assert scored.returncode == 0, scored.stderr
+    result = json.loads(scored.stdout)
+    expected = json.loads((run / "results.json").read_text())["test"]
+    assert abs(result["error"] - expected["error"]) < 1e-9
+
+
+def test_cli_config_error_names_the_key(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "stairscale.cli", "train", "--set", "model.window=0"], capture_output=True, text=True)
+    assert out.returncode == 2 and "model.window" in out.stderr
