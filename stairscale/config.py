@@ -188,6 +188,11 @@ def _coerce(hint, value, key: str):
         raise TypeError(f"{key}: union types are not supported in configs")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     is_bool_for_number = isinstance(value, bool) and hint is not bool
     if not isinstance(value, hint) or is_bool_for_number:
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")

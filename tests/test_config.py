@@ -15,8 +15,8 @@ def test_default_is_valid():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.steps=7", "model.dropout=0", "task.train_lengths=[8]", "task.train_length_steps=[0]"])
-    assert cfg.train.steps == 7 and cfg.model.dropout == 0.0 and cfg.task.train_lengths == [8]
+    cfg = load_config(None, ["train.steps=7", "model.dropout=0", "train.lr=1e-3", "task.train_lengths=[8]", "task.train_length_steps=[0]"])
+    assert cfg.train.steps == 7 and cfg.model.dropout == 0.0 and cfg.train.lr == 0.001 and cfg.task.train_lengths == [8]
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,7 @@ def test_overrides_are_typed():
         (["trian.steps=2"], "trian"),
         (["train.steps=ten"], "train.steps"),
         (["train.steps=true"], "train.steps"),
+        (["train.lr=fast"], "train.lr"),
         (["model.positions=absolute"], "model.positions"),
         (["model.schedule=rnn"], "model.schedule"),
         (["model.window=0"], "model.window"),
