@@ -23,6 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--split", default="test", choices=["valid", "test"])
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an evaluation key, e.g. task.eval_length=512")
 
+    prepare = commands.add_parser("prepare-data", help="write the task's splits as webdataset shards with a manifest")
+    prepare.add_argument("--config", help="YAML run config (its task section is used)")
+    prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    prepare.add_argument("--out", required=True, help="dataset directory to write")
+
+    bench = commands.add_parser("bench", help="measure a part of the system")
+    bench.add_argument("what", choices=["data"])
+    bench.add_argument("--config", help="YAML run config")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--seconds", type=float, default=10.0, help="time spent on each measurement")
+
     reproduce = commands.add_parser("reproduce", help="rerun an experiment of the paper")
     reproduce.add_argument("experiment", choices=["tracking"])
     reproduce.add_argument("--quick", action="store_true", help="the 2-CPU-core variant (under 30 minutes)")
@@ -34,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
             from stairscale.train.trainer import Trainer
 
             Trainer(load_config(args.config, args.set)).train()
+        elif args.command == "prepare-data":
+            from stairscale.data.prepare import prepare_dataset
+
+            cfg = load_config(args.config, args.set)
+            manifest = prepare_dataset(cfg.task, args.out, cfg.data.shard_docs)
+            for split, info in manifest["splits"].items():
+                print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")
+        elif args.command == "bench":
+            from stairscale.bench import bench_data
+
+            bench_data(load_config(args.config, args.set), args.seconds)
         elif args.command == "eval":
             print(json.dumps(evaluate_run(args.run, args.split, args.set), indent=2))
         else:
@@ -48,18 +70,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate_run(run_dir: str, split: str, overrides: list[str] = ()) -> dict:
     """Load a run's config and checkpoint and score `split` with carried state from a fresh start."""
-    from stairscale.data.streams import build_task, eval_documents
-    from stairscale.data.tasks import TextTask
+    from stairscale.data.prepare import dataset_dir
+    from stairscale.data.shards import Dataset
     from stairscale.train.checkpoint import load_checkpoint
-    from stairscale.train.trainer import build_model, evaluate, resolve_device
+    from stairscale.train.trainer import build_model, evaluate, make_loader, resolve_device
 
     cfg = load_config(Path(run_dir) / "config.yaml", overrides)
-    task = build_task(cfg.task)
-    model = build_model(cfg, task)
+    root = dataset_dir(cfg)
+    model = build_model(cfg, Dataset(root))
     model.load_state_dict(load_checkpoint(run_dir)["model"])
     device = resolve_device(cfg)
-    documents = eval_documents(task, cfg.task, split, cfg.train.lanes)
-    tally = evaluate(model.to(device), cfg, documents, device, labelled=not isinstance(task, TextTask))
+    tally = evaluate(model.to(device), cfg, make_loader(cfg, root, split, training=False), device)
     result = {"run": str(run_dir), "split": split, **tally.summary()}
     if tally.labelled:
         result["error_by_position"] = tally.error_by_position(bucket=32)

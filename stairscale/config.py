@@ -96,7 +96,13 @@ class TaskConfig:
     train_length_steps: list[int] = field(default_factory=lambda: [0, 300, 600])
     eval_length: int = 256  # random walk validation/test document length
     eval_docs: int = 64  # random walk / algorithmic: documents per validation or test evaluation (0 = all)
+    train_docs: int = 50000  # random walk: training documents per curriculum length
+    piece_len: int = 1 << 20  # text: longer documents are cut into pieces of this many bytes
     seed: int = 0
+
+    @property
+    def stages(self) -> int:
+        return len(self.train_lengths) if self.name == "random_walk" else 1
 
     def validate(self) -> None:
         if self.name not in ("random_walk", "algorithmic", "text"):
@@ -107,6 +113,28 @@ class TaskConfig:
             raise ConfigError("task.train_length_steps: must start at 0 and increase")
         if min(self.train_lengths) < 2 or self.eval_length < 2:
             raise ConfigError("task.train_lengths: documents need at least 2 tokens (start token + one move)")
+        for key in ("eval_docs", "train_docs", "piece_len"):
+            if getattr(self, key) < (0 if key == "eval_docs" else 1):
+                raise ConfigError(f"task.{key}: must be positive, got {getattr(self, key)}")
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # a prepared dataset (stairscale prepare-data); "" = prepare one for the task in `cache`
+    cache: str = "~/.cache/stairscale/datasets"  # where automatically prepared datasets live
+    shard_docs: int = 0  # documents per shard when preparing; 0 = about 64 shards per split
+    workers: int = 0  # loader worker processes per rank (0 = read in the training process)
+    prefetch: int = 4  # batches each worker prepares ahead
+    on_bad_sample: str = "error"  # error | skip (skipped samples are counted and logged)
+
+    def validate(self) -> None:
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_sample: {self.on_bad_sample!r} is not error or skip")
+        for key in ("shard_docs", "workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}: must be >= 0")
+        if self.prefetch < 1:
+            raise ConfigError("data.prefetch: must be >= 1")
 
 
 @dataclass
@@ -149,11 +177,13 @@ class TrainConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run_dir: str = "runs/default"
 
     def validate(self) -> RunConfig:
         self.task.validate()
+        self.data.validate()
         self.train.validate()
         self.model.validate(self.train.segment_len)
         return self

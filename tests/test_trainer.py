@@ -9,15 +9,25 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stairscale.config import load_config
-from stairscale.data.streams import eval_documents
-from stairscale.train.trainer import Trainer, evaluate
+from stairscale.train.trainer import Trainer, evaluate, make_loader
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
-        "model.chunk=4", "model.attn_lim=16", "train.log_every=2", "train.eval_every=3", "task.eval_docs=8"]
+        "model.chunk=4", "model.attn_lim=16", "train.log_every=2", "train.eval_every=3", "task.eval_docs=8",
+        "task.train_docs=200"]
 
 
-def tiny(tmp_path, *overrides):
-    return load_config(None, TINY + [f"run_dir={tmp_path / 'run'}", *overrides])
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """Prepared datasets shared by the tests of this module."""
+    return tmp_path_factory.mktemp("datasets")
+
+
+@pytest.fixture
+def tiny(tmp_path, cache):
+    def make(path, *overrides):
+        return load_config(None, TINY + [f"data.cache={cache}", f"run_dir={path / 'run'}", *overrides])
+
+    return make
 
 
 @pytest.mark.parametrize(
@@ -27,7 +37,7 @@ def tiny(tmp_path, *overrides):
         ["task.name=algorithmic"],
     ],
 )
-def test_training_writes_results_tensorboard_and_checkpoint(tmp_path, task):
+def test_training_writes_results_tensorboard_and_checkpoint(tmp_path, tiny, task):
     cfg = tiny(tmp_path, "train.steps=6", *task)
     results = Trainer(cfg, quiet=True).train()
     run = tmp_path / "run"
@@ -41,7 +51,7 @@ def test_training_writes_results_tensorboard_and_checkpoint(tmp_path, task):
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
 
 
-def test_text_task_reports_bits_per_byte(tmp_path):
+def test_text_task_reports_bits_per_byte(tmp_path, tiny):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(40):
@@ -51,17 +61,17 @@ def test_text_task_reports_bits_per_byte(tmp_path):
     assert 0 < results["test"]["bpb"] < 10 and "error" not in results["test"]
 
 
-def test_loss_decreases_on_the_random_walk(tmp_path):
+def test_loss_decreases_on_the_random_walk(tmp_path, tiny):
     cfg = tiny(tmp_path, "train.steps=60", "train.lr=0.01", "train.warmup_steps=5", "task.train_lengths=[16]",
                "task.train_length_steps=[0]", "task.eval_length=16", "train.eval_every=0")
     trainer = Trainer(cfg, quiet=True)
-    documents = eval_documents(trainer.task, cfg.task, "test", cfg.train.lanes)
-    before = evaluate(trainer.model, cfg, documents, trainer.device, labelled=True).summary()["loss"]
+    loader = make_loader(cfg, trainer.data_root, "test", training=False)
+    before = evaluate(trainer.model, cfg, loader, trainer.device).summary()["loss"]
     after = trainer.train()["test"]["loss"]
     assert after < before - 0.3, (before, after)
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny):
     params = []
     for accum in (1, 2):
         cfg = tiny(tmp_path / str(accum), "train.steps=2", f"train.grad_accum={accum}", "train.eval_every=0",
@@ -72,9 +82,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert (params[0] - params[1]).abs().max() < 1e-5
 
 
-def test_cli_train_then_eval_agree(tmp_path):
+def test_cli_train_then_eval_agree(tmp_path, cache):
     run = tmp_path / "cli"
-    overrides = TINY + ["train.steps=3", f"run_dir={run}", "task.train_lengths=[20]", "task.train_length_steps=[0]"]
+    overrides = TINY + ["train.steps=3", f"run_dir={run}", f"data.cache={cache}", "task.train_lengths=[20]", "task.train_length_steps=[0]"]
     cmd = [sys.executable, "-m", "stairscale.cli"]
     trained = subprocess.run(cmd + ["train"] + [a for o in overrides for a in ("--set", o)], capture_output=True, text=True)
     assert trained.returncode == 0, trained.stderr

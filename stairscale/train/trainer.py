@@ -13,9 +13,9 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from stairscale.config import RunConfig
-from stairscale.data.lanes import deal, lane_batches
-from stairscale.data.streams import Curriculum, build_task, eval_documents, train_sources
-from stairscale.data.tasks import RandomWalkTask, TextTask
+from stairscale.data.loader import LaneLoader, LoaderSpec
+from stairscale.data.prepare import dataset_dir, train_split
+from stairscale.data.shards import Dataset
 from stairscale.model.lm import StaircaseLM
 from stairscale.train.checkpoint import save_checkpoint
 from stairscale.train.metrics import Tally, headline, supervised_nll
@@ -34,8 +34,14 @@ def autocast(cfg: RunConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def build_model(cfg: RunConfig, task) -> StaircaseLM:
-    return StaircaseLM(cfg.model, len(task.vocab), task.vocab.pad_id)
+def build_model(cfg: RunConfig, dataset: Dataset) -> StaircaseLM:
+    return StaircaseLM(cfg.model, len(dataset.vocab), dataset.vocab.pad_id)
+
+
+def make_loader(cfg: RunConfig, root, split: str, training: bool) -> LaneLoader:
+    spec = LoaderSpec(str(root), split, cfg.train.lanes, cfg.train.segment_len, cfg.model.chunk, cfg.train.seed,
+                      shuffle=training, on_bad_sample=cfg.data.on_bad_sample)
+    return LaneLoader(spec, workers=cfg.data.workers, prefetch=cfg.data.prefetch)
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -50,15 +56,13 @@ def learning_rate(cfg: RunConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: StaircaseLM, cfg: RunConfig, documents, device: torch.device, labelled: bool) -> Tally:
-    """Score whole documents: they are dealt to lanes and read with carried state from a fresh start."""
+def evaluate(model: StaircaseLM, cfg: RunConfig, loader: LaneLoader, device: torch.device) -> Tally:
+    """Score a whole split once, every lane read with carried state from a fresh start."""
     was_training = model.training
     model.eval()
-    lanes = min(cfg.train.lanes, len(documents))
-    tally = Tally(labelled)
-    state = model.initial_state(lanes, device)
-    sources = [iter(docs) for docs in deal(documents, lanes)]
-    for batch in lane_batches(sources, cfg.train.segment_len, cfg.model.chunk, model.pad_id):
+    tally = Tally(loader.dataset.labelled)
+    state = model.initial_state(len(loader.local_lanes), device)
+    for batch in loader:
         batch = batch.to(device)
         with autocast(cfg, device):
             logprobs, state = model(batch.tokens, batch.doc_start, state)
@@ -75,13 +79,13 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.device = resolve_device(cfg)
-        self.task = build_task(cfg.task)
-        self.labelled = not isinstance(self.task, TextTask)
-        self.model = build_model(cfg, self.task).to(self.device)
+        self.data_root = dataset_dir(cfg, self.log)
+        self.dataset = Dataset(self.data_root)
+        self.labelled = self.dataset.labelled
+        self.model = build_model(cfg, self.dataset).to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay
         )
-        self.curriculum = Curriculum(cfg.task.train_lengths, cfg.task.train_length_steps)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -97,15 +101,16 @@ class Trainer:
         model = self.model
         model.train()
         self.log(self._describe())
-        sources = train_sources(self.task, cfg.task, t.lanes, t.seed, self.curriculum)
-        batches = lane_batches(sources, t.segment_len, cfg.model.chunk, model.pad_id)
         groups = [slice(g * t.lanes // t.grad_accum, (g + 1) * t.lanes // t.grad_accum) for g in range(t.grad_accum)]
-        states = [model.initial_state(t.lanes // t.grad_accum, self.device) for _ in groups]
+        stage = -1
         window = Tally(self.labelled)
         started = time.perf_counter()
         window_start, window_tokens = started, 0
         for step in range(t.steps):
-            self.curriculum.step = step
+            if stage + 1 < cfg.task.stages and step >= cfg.task.train_length_steps[stage + 1]:
+                stage += 1  # a new curriculum stage: new lanes from a fresh start
+                batches = iter(make_loader(cfg, self.data_root, train_split(cfg.task, stage), training=True))
+                states = [model.initial_state(t.lanes // t.grad_accum, self.device) for _ in groups]
             lr = learning_rate(cfg, step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -138,6 +143,7 @@ class Trainer:
                 window, window_start, window_tokens = Tally(self.labelled), now, 0
             if t.eval_every and done % t.eval_every == 0 and done < t.steps:
                 self._evaluate("valid", done)
+                window_start = time.perf_counter()
         results = {"train_seconds": time.perf_counter() - started}
         results["valid"] = self._evaluate("valid", t.steps)
         test = self._test_tally()
@@ -154,12 +160,11 @@ class Trainer:
         return results
 
     def _test_tally(self) -> Tally:
-        documents = eval_documents(self.task, self.cfg.task, "test", self.cfg.train.lanes)
-        return evaluate(self.model, self.cfg, documents, self.device, self.labelled)
+        return evaluate(self.model, self.cfg, make_loader(self.cfg, self.data_root, "test", training=False), self.device)
 
     def _evaluate(self, split: str, step: int) -> dict:
-        documents = eval_documents(self.task, self.cfg.task, split, self.cfg.train.lanes)
-        summary = evaluate(self.model, self.cfg, documents, self.device, self.labelled).summary()
+        loader = make_loader(self.cfg, self.data_root, split, training=False)
+        summary = evaluate(self.model, self.cfg, loader, self.device).summary()
         self._scalars(split, summary, step)
         self.curve.append({"step": step, **{f"{split}_{k}": v for k, v in summary.items()}})
         self.log(f"  {split} at step {step}: {headline(summary)} (loss {summary['loss']:.4f})")

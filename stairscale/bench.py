@@ -1,0 +1,62 @@
+"""`stairscale bench data`: is the loader ever the bottleneck? Loader tokens/s beside the train
+step's tokens/s for the same config, measured in the same run."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from stairscale.config import RunConfig
+from stairscale.data.prepare import dataset_dir, train_split
+from stairscale.data.shards import Dataset
+from stairscale.train.metrics import supervised_nll
+from stairscale.train.trainer import build_model, make_loader, resolve_device
+
+
+def _rate(batches, seconds: float, work=lambda batch: None) -> float:
+    """Tokens per second over `seconds`, after a first batch that pays for start-up."""
+    work(next(batches))
+    tokens, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        batch = next(batches)
+        work(batch)
+        tokens += batch.tokens.numel()
+    return tokens / (time.perf_counter() - started)
+
+
+def bench_data(cfg: RunConfig, seconds: float) -> dict:
+    root = dataset_dir(cfg)
+    split = train_split(cfg.task, 0)
+    loader_rate = _rate(iter(make_loader(cfg, root, split, training=True)), seconds)
+
+    device = resolve_device(cfg)
+    model = build_model(cfg, Dataset(root)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    state = model.initial_state(cfg.train.lanes, device)
+
+    def train_step(batch):
+        nonlocal state
+        batch = batch.to(device)
+        logprobs, state = model(batch.tokens, batch.doc_start, state)
+        supervised_nll(logprobs, batch.targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    train_rate = _rate(iter(make_loader(cfg, root, split, training=True)), seconds, train_step)
+    result = {
+        "dataset": str(root),
+        "split": split,
+        "lanes": cfg.train.lanes,
+        "segment_len": cfg.train.segment_len,
+        "workers": cfg.data.workers,
+        "loader_tokens_per_s": loader_rate,
+        "train_tokens_per_s": train_rate,
+        "loader_over_train": loader_rate / train_rate,
+    }
+    print(
+        f"loader: {loader_rate / 1e6:.2f} M tokens/s per process ({cfg.data.workers} workers, "
+        f"{cfg.train.lanes} lanes x {cfg.train.segment_len}) | train step ({cfg.model.schedule}, {device}): "
+        f"{train_rate / 1e3:.1f} k tokens/s | loader / train = {loader_rate / train_rate:.1f}x"
+    )
+    return result

@@ -1,0 +1,207 @@
+"""The lane loader: shards -> lanes -> segments, for any number of ranks and worker processes.
+
+The global batch is G lanes with global ids 0..G-1; data-parallel rank r owns lanes
+[r*G/dp, (r+1)*G/dp). Each epoch the split's shards are dealt to the G lanes from (seed, epoch):
+shuffled, then each to the lane with the fewest tokens so far. A lane reads its shards' documents
+in order, packed chunk-aligned (see lanes.py). Every lane yields the same number of steps per
+epoch, the longest lane's; shorter lanes are padded at the end (padding is never a target).
+
+Because the plan is a pure function of (manifest, seed, epoch, G, M, F), the position of the whole
+run is just (epoch, step): any rank of any data-parallel size can find where each of its lanes
+stands, which makes resumption exact, also after changing the data-parallel size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from stairscale.data.lanes import Batch, LaneStream
+from stairscale.data.shards import DataError, Dataset, Shard
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything that determines the sequence of global batches."""
+
+    root: str
+    split: str
+    lanes: int  # G, global
+    segment_len: int  # M
+    chunk: int  # F
+    seed: int
+    shuffle: bool  # shuffle shards every epoch (training); evaluation reads in order, one epoch
+    on_bad_sample: str = "error"
+
+
+def padded(length: int, chunk: int) -> int:
+    return -(-length // chunk) * chunk
+
+
+@dataclass
+class EpochPlan:
+    lanes: list[list[Shard]]  # shards of each global lane, in reading order
+    steps: int  # steps per epoch, the same on every rank
+
+
+def plan_epoch(spec: LoaderSpec, shards: list[Shard], epoch: int) -> EpochPlan:
+    order = np.random.default_rng([spec.seed, epoch]).permutation(len(shards)) if spec.shuffle else range(len(shards))
+    loads = [0] * spec.lanes
+    lanes: list[list[Shard]] = [[] for _ in range(spec.lanes)]
+    for index in order:
+        shard = shards[index]
+        lane = loads.index(min(loads))
+        lanes[lane].append(shard)
+        loads[lane] += sum(padded(n, spec.chunk) for n in shard.lengths)
+    return EpochPlan(lanes, math.ceil(max(loads) / spec.segment_len))
+
+
+def lane_position(spec: LoaderSpec, lane_shards: list[Shard], step: int) -> tuple[int, int, int]:
+    """(shard in lane, document in shard, token offset in document) at the start of `step`."""
+    remaining = step * spec.segment_len
+    for k, shard in enumerate(lane_shards):
+        for d, length in enumerate(shard.lengths):
+            size = padded(length, spec.chunk)
+            if remaining < size:
+                return k, d, remaining
+            remaining -= size
+    return len(lane_shards), 0, 0  # past the lane's last document: padding only
+
+
+def _lane_documents(dataset: Dataset, lane_shards: list[Shard], shard_index: int, doc_index: int) -> Iterator:
+    """(document id in the split, document) pairs of a lane, from a shard and document on."""
+    for k in range(shard_index, len(lane_shards)):
+        shard = lane_shards[k]
+        start = doc_index if k == shard_index else 0
+        for offset, doc in enumerate(dataset.read(shard, start)):
+            yield shard.first_document + start + offset, doc
+
+
+def epoch_segments(spec: LoaderSpec, dataset: Dataset, plan: EpochPlan, lanes: list[int], start_step: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """Segments of the given global lanes for steps start_step .. plan.steps-1 of one epoch."""
+    streams = []
+    for lane in lanes:
+        shard_index, doc_index, offset = lane_position(spec, plan.lanes[lane], start_step)
+        stream = LaneStream(_lane_documents(dataset, plan.lanes[lane], shard_index, doc_index), spec.chunk, dataset.vocab.pad_id)
+        if offset:
+            stream.take(offset)  # resume inside a document
+        streams.append(stream)
+    for _ in range(start_step, plan.steps):
+        parts = [stream.take(spec.segment_len) for stream in streams]
+        if parts:
+            yield tuple(np.stack(column) for column in zip(*parts))
+        else:  # a worker with no lanes still answers every step
+            yield tuple(np.zeros((0, spec.segment_len), dtype=dtype) for dtype in (np.int64, np.int64, bool, np.int64, np.int64))
+
+
+class _LaneData(IterableDataset):
+    """Runs in each loader worker: its share of the rank's lanes, epoch after epoch."""
+
+    def __init__(self, spec: LoaderSpec, lanes: list[int], epoch: int, step: int):
+        self.spec, self.lanes, self.epoch, self.step = spec, lanes, epoch, step
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = [int(x) for x in np.array_split(np.array(self.lanes, dtype=int), workers)[worker]]
+        dataset = Dataset(self.spec.root, self.spec.on_bad_sample)
+        shards = dataset.shards(self.spec.split)
+        epoch, step = self.epoch, self.step
+        while True:
+            plan = plan_epoch(self.spec, shards, epoch)
+            for segment in epoch_segments(self.spec, dataset, plan, mine, step):
+                yield segment + (dataset.skipped,)
+            if not self.spec.shuffle:
+                return
+            epoch, step = epoch + 1, 0
+
+
+class LaneLoader:
+    """Iterates Batches of this rank's lanes; `state_dict` is the global position (epoch, step)."""
+
+    def __init__(self, spec: LoaderSpec, dp_rank: int = 0, dp_size: int = 1, workers: int = 0, prefetch: int = 4):
+        if spec.lanes % dp_size:
+            raise ValueError(f"train.lanes={spec.lanes} is not divisible by the data-parallel size {dp_size}")
+        self.spec = spec
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.workers, self.prefetch = workers, prefetch
+        per_rank = spec.lanes // dp_size
+        self.local_lanes = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+        self.dataset = Dataset(spec.root, spec.on_bad_sample)
+        self.shards = self.dataset.shards(spec.split)
+        if not self.shards:
+            raise DataError(f"dataset {spec.root}: split {spec.split} has no documents")
+        self.epoch, self.step = 0, 0
+        self.skipped = 0
+        self._plans: dict[int, EpochPlan] = {}
+
+    @property
+    def vocab(self):
+        return self.dataset.vocab
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(self.spec, self.shards, epoch)}
+        return self._plans[epoch]
+
+    def steps_per_epoch(self, epoch: int | None = None) -> int:
+        return self.plan(self.epoch if epoch is None else epoch).steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        data = _LaneData(self.spec, self.local_lanes, self.epoch, self.step)
+        workers = min(self.workers, len(self.local_lanes))
+        if workers:
+            items = iter(DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=self.prefetch, collate_fn=_identity))
+        else:
+            items = iter(data)
+        groups = max(workers, 1)
+        while True:
+            try:
+                parts = [next(items) for _ in range(groups)]  # workers answer in turn, in lane order
+            except StopIteration:
+                return
+            columns = [np.concatenate([p[i] for p in parts]) for i in range(5)]
+            self.skipped = sum(p[5] for p in parts)
+            self.step += 1
+            if self.step == self.steps_per_epoch():
+                self.epoch, self.step = self.epoch + 1, 0
+            yield Batch(*(torch.from_numpy(c) for c in columns))
+
+    def state_dict(self) -> dict:
+        """The global position: what the next batch will be, for any data-parallel layout."""
+        positions = []
+        plan = self.plan(self.epoch)
+        for lane in range(self.spec.lanes):
+            shard_index, doc_index, offset = lane_position(self.spec, plan.lanes[lane], self.step)
+            shard = plan.lanes[lane][shard_index].number if shard_index < len(plan.lanes[lane]) else None
+            positions.append({"lane": lane, "shard": shard, "document": doc_index, "offset": offset})
+        return {
+            "split": self.spec.split,
+            "epoch": self.epoch,
+            "step": self.step,
+            "lanes": self.spec.lanes,
+            "segment_len": self.spec.segment_len,
+            "chunk": self.spec.chunk,
+            "seed": self.spec.seed,
+            "data": self.dataset.fingerprint,
+            "lane_positions": positions,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (("split", self.spec.split), ("lanes", self.spec.lanes), ("segment_len", self.spec.segment_len),
+                          ("chunk", self.spec.chunk), ("seed", self.spec.seed), ("data", self.dataset.fingerprint)):
+            if state[key] != mine:
+                raise DataError(
+                    f"loader state: {key} was {state[key]!r}, now {mine!r}; the lane plan would differ, "
+                    "so the run cannot resume at the exact token (keep the global batch, segment, chunk, seed and data)"
+                )
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+def _identity(item):
+    return item
