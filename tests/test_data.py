@@ -1,0 +1,252 @@
+"""Shards, manifest and the lane loader: coverage, exact resume (also across data-parallel sizes
+under torchrun with 2 ranks x 2 workers), and a clear error for each kind of bad data."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from stairscale.config import TaskConfig
+from stairscale.data.loader import LaneLoader, LoaderSpec
+from stairscale.data.prepare import prepare_dataset
+from stairscale.data.shards import MANIFEST, DataError, Dataset
+
+LANES, SEGMENT, CHUNK = 4, 16, 4
+SCRIPT = Path(__file__).parent / "scripts" / "loader_ranks.py"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A byte-level text dataset of 90 files of random lengths, 3 documents per shard."""
+    corpus = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(90):
+        (corpus / f"file{i:02d}.txt").write_bytes(bytes(rng.integers(32, 127, rng.integers(5, 120)).tolist()))
+    root = tmp_path_factory.mktemp("data") / "text"
+    prepare_dataset(TaskConfig(name="text", path=str(corpus)), root, shard_docs=3)
+    return root
+
+
+def spec(root, **overrides):
+    fields = dict(root=str(root), split="train", lanes=LANES, segment_len=SEGMENT, chunk=CHUNK, seed=7, shuffle=True)
+    return LoaderSpec(**{**fields, **overrides})
+
+
+def global_batches(loader, steps):
+    out = []
+    for _, batch in zip(range(steps), loader):
+        out.append(np.stack([batch.tokens.numpy(), batch.doc_start.numpy(), batch.doc_id.numpy(), batch.targets.numpy()]))
+    return np.stack(out)
+
+
+def test_manifest_describes_every_shard(dataset):
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    assert manifest["token_dtype"] == "uint16" and len(manifest["vocab"]["tokens"]) == 258
+    for split in manifest["splits"].values():
+        assert split["documents"] == sum(s["documents"] for s in split["shards"])
+        for shard in split["shards"]:
+            assert hashlib.sha256((dataset / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+            assert len(shard["lengths"]) == shard["documents"] and sum(shard["lengths"]) == shard["tokens"]
+
+
+def read_split(root, split):
+    data = Dataset(root)
+    return [doc.tokens.tolist() for shard in data.shards(split) for doc in data.read(shard)]
+
+
+def test_one_epoch_reads_every_document_exactly_once(dataset):
+    loader = LaneLoader(spec(dataset))
+    steps = loader.steps_per_epoch()
+    tokens, starts, ids, _ = global_batches(loader, steps).transpose(1, 0, 2, 3)
+    assert loader.epoch == 1 and loader.step == 0
+    documents = read_split(dataset, "train")
+    lanes_of = {}
+    for lane in range(LANES):
+        lane_tokens, lane_ids, lane_starts = (np.concatenate(x[:, lane]) for x in (tokens, ids, starts))
+        for doc_id in np.unique(lane_ids[lane_ids >= 0]):
+            where = np.flatnonzero(lane_ids == doc_id)
+            assert doc_id not in lanes_of, "a document was read twice"
+            lanes_of[doc_id] = lane
+            assert lane_tokens[where].tolist() == documents[doc_id]  # whole, in order
+            assert np.array_equal(where, np.arange(where[0], where[0] + len(where)))  # contiguous
+            assert where[0] % CHUNK == 0  # chunk aligned
+        assert np.array_equal(np.flatnonzero(lane_starts), np.flatnonzero(np.diff(lane_ids, prepend=-2) != 0)[lane_ids[np.diff(lane_ids, prepend=-2) != 0] >= 0])
+    assert sorted(lanes_of) == list(range(len(documents)))
+
+
+def test_epochs_reshuffle_and_every_lane_has_work(dataset):
+    loader = LaneLoader(spec(dataset))
+    first, second = loader.plan(0), loader.plan(1)
+    assert [s.number for s in first.lanes[0]] != [s.number for s in second.lanes[0]]
+    assert all(first.lanes)
+
+
+def test_resume_at_any_step_in_process(dataset):
+    steps = LaneLoader(spec(dataset)).steps_per_epoch() + 5  # cross an epoch boundary
+    reference = global_batches(LaneLoader(spec(dataset)), steps)
+    for stop in (1, 7, steps - 6, steps - 2):
+        first = LaneLoader(spec(dataset))
+        head = global_batches(first, stop)
+        second = LaneLoader(spec(dataset), workers=2, prefetch=2)
+        second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        tail = global_batches(second, steps - stop)
+        assert np.array_equal(np.concatenate([head, tail]), reference), stop
+
+
+def torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(SCRIPT), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_ranks_two_workers_match_one_process_and_resume_across_dp_sizes(dataset, tmp_path):
+    steps, stop = LaneLoader(spec(dataset)).steps_per_epoch() + 4, 9
+    reference = global_batches(LaneLoader(spec(dataset)), steps)
+    common = ["--root", str(dataset), "--split", "train", "--lanes", str(LANES), "--segment", str(SEGMENT), "--chunk", str(CHUNK)]
+
+    out = str(tmp_path / "dp2.npz")
+    torchrun(*common, "--steps", str(steps), "--stop", str(stop), "--out", out)
+    ranks = np.load(out)
+    assert np.array_equal(ranks["uninterrupted"], reference)
+    assert np.array_equal(ranks["interrupted"], reference)  # stop and resume on dp=2
+
+    # dp 2 -> 1: the state saved by two ranks continues in one process.
+    single = LaneLoader(spec(dataset))
+    single.load_state_dict(json.load(open(out + ".state.json")))
+    assert np.array_equal(global_batches(single, steps - stop), reference[stop:])
+
+    # dp 1 -> 2: a state saved by one process continues on two ranks.
+    first = LaneLoader(spec(dataset))
+    global_batches(first, stop)
+    state_file = tmp_path / "dp1.json"
+    state_file.write_text(json.dumps(first.state_dict()))
+    out = str(tmp_path / "dp1to2.npz")
+    torchrun(*common, "--steps", str(steps - stop), "--resume-from", str(state_file), "--out", out)
+    assert np.array_equal(np.load(out)["uninterrupted"], reference[stop:])
+
+
+def test_resume_refuses_a_different_global_batch(dataset):
+    state = LaneLoader(spec(dataset)).state_dict()
+    with pytest.raises(DataError, match="lanes was 4, now 8"):
+        LaneLoader(spec(dataset, lanes=8)).load_state_dict(state)
+
+
+def test_evaluation_reads_the_split_once_in_order(dataset):
+    loader = LaneLoader(spec(dataset, split="valid", shuffle=False))
+    batches = global_batches(loader, 10_000)
+    assert len(batches) == loader.plan(0).steps
+    ids = batches[:, 2]
+    assert sorted(np.unique(ids[ids >= 0]).tolist()) == list(range(len(read_split(dataset, "valid"))))
+
+
+# ---------------------------------------------------------------------------------- bad data
+
+
+@pytest.fixture
+def copy(dataset, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(dataset, root)
+    return root
+
+
+def first_shard(root):
+    manifest = json.loads((root / MANIFEST).read_text())
+    return manifest, manifest["splits"]["train"]["shards"][0]
+
+
+def rewrite_manifest_checksum(root, manifest, shard):
+    shard["sha256"] = hashlib.sha256((root / shard["file"]).read_bytes()).hexdigest()
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def read_all(root, on_bad_sample="error"):
+    data = Dataset(root, on_bad_sample)
+    return [doc for shard in data.shards("train") for doc in data.read(shard)], data
+
+
+def test_missing_shard(copy):
+    _, shard = first_shard(copy)
+    (copy / shard["file"]).unlink()
+    with pytest.raises(DataError, match=f"shard .*{shard['file']} is missing"):
+        read_all(copy)
+
+
+def test_checksum_mismatch(copy):
+    _, shard = first_shard(copy)
+    path = copy / shard["file"]
+    data = bytearray(path.read_bytes())
+    data[600] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{shard['file']}: sha256 does not match"):
+        read_all(copy)
+
+
+def test_truncated_tar(copy):
+    manifest, shard = first_shard(copy)
+    path = copy / shard["file"]
+    path.write_bytes(path.read_bytes()[:1800])  # cut inside the second sample
+    rewrite_manifest_checksum(copy, manifest, shard)
+    with pytest.raises(DataError, match=f"{shard['file']}.*(truncated|corrupt)"):
+        read_all(copy)
+
+
+def test_corrupt_tar(copy):
+    manifest, shard = first_shard(copy)
+    path = copy / shard["file"]
+    data = bytearray(path.read_bytes())
+    data[1536 + 100 : 1536 + 200] = b"\xff" * 100  # garbage in the second member's header
+    path.write_bytes(bytes(data))
+    rewrite_manifest_checksum(copy, manifest, shard)
+    with pytest.raises(DataError, match=f"{shard['file']}"):
+        read_all(copy)
+
+
+def replace_first_sample(root, tokens: bytes):
+    """Rewrite the first shard with its first sample's tokens replaced (checksum kept valid)."""
+    manifest, shard = first_shard(root)
+    path = root / shard["file"]
+    samples = list(wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None))
+    samples[0]["tokens"] = tokens
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for sample in samples:
+            sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+    rewrite_manifest_checksum(root, manifest, shard)
+    return shard, samples[0]["__key__"]
+
+
+def test_token_outside_the_vocabulary(copy):
+    shard, key = replace_first_sample(copy, np.array([256, 300, 65], dtype=np.uint16).tobytes())
+    with pytest.raises(DataError, match=f"{shard['file']}, sample {key}: token id 300 outside the vocabulary of 258"):
+        read_all(copy)
+
+
+def test_empty_document(copy):
+    shard, key = replace_first_sample(copy, b"")
+    with pytest.raises(DataError, match=f"{shard['file']}, sample {key}: empty document"):
+        read_all(copy)
+
+
+def test_skip_option_counts_bad_samples(copy, capsys):
+    replace_first_sample(copy, np.array([256, 300], dtype=np.uint16).tobytes())
+    docs, data = read_all(copy, on_bad_sample="skip")
+    assert data.skipped == 1
+    assert len(docs) == json.loads((copy / MANIFEST).read_text())["splits"]["train"]["documents"] - 1
+    assert "skipping bad sample (1 so far)" in capsys.readouterr().out
+
+
+def test_writer_refuses_bad_documents(tmp_path):
+    from stairscale.data.shards import write_dataset
+    from stairscale.data.tasks import Document, Vocab
+
+    vocab = Vocab(("<pad>", "<bos>", "a"), 0, 1)
+    with pytest.raises(DataError, match="split train, document 1: token id 7 outside"):
+        write_dataset(tmp_path / "d", vocab, False, {"train": [Document(np.array([1, 2])), Document(np.array([1, 7]))]}, 0, {})
+    assert not (tmp_path / "d").exists()
