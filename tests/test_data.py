@@ -57,8 +57,17 @@ def test_manifest_describes_every_shard(dataset):
 
 
 def read_split(root, split):
-    data = Dataset(root)
-    return [doc.tokens.tolist() for shard in data.shards(split) for doc in data.read(shard)]
+    return [doc.tokens.tolist() for doc in Dataset(root).documents(split)]
+
+
+def test_shards_are_webdataset_tars_and_our_reader_agrees(dataset):
+    ours = read_split(dataset, "train")
+    theirs = []
+    for shard in Dataset(dataset).shards("train"):
+        for sample in wds.WebDataset(str(shard.path), shardshuffle=False, nodesplitter=None):
+            theirs.append(np.frombuffer(sample["tokens"], dtype=np.uint16).tolist())
+            assert json.loads(sample["json"])["length"] == len(theirs[-1])
+    assert ours == theirs and len(ours) > 50
 
 
 def test_one_epoch_reads_every_document_exactly_once(dataset):
@@ -169,7 +178,7 @@ def rewrite_manifest_checksum(root, manifest, shard):
 
 def read_all(root, on_bad_sample="error"):
     data = Dataset(root, on_bad_sample)
-    return [doc for shard in data.shards("train") for doc in data.read(shard)], data
+    return list(data.documents("train")), data
 
 
 def test_missing_shard(copy):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from stairscale.data.lanes import LaneStream
+from stairscale.data.lanes import LaneStream, pack
 from stairscale.data.tasks import IGNORE, Document
 
 PAD, BOS = 0, 1
@@ -11,8 +11,17 @@ def doc(length, first=10, labels=False):
     return Document(tokens, (tokens.astype(np.int32) + 100) if labels else None)
 
 
+def block(docs, first_id, chunk):
+    labels = np.concatenate([d.labels for d in docs]) if docs[0].labels is not None else None
+    lengths = [len(d.tokens) for d in docs]
+    return pack(np.concatenate([d.tokens for d in docs]).astype(np.int64), labels, lengths, np.arange(len(docs)) + first_id, chunk, PAD)
+
+
 def packed(docs, segment_len, chunk, steps):
-    stream = LaneStream(iter(enumerate(docs)), chunk, PAD)
+    """Pack the documents as two blocks (two shards) and read `steps` segments of one lane."""
+    half = max(1, len(docs) // 2)
+    blocks = [block(docs[:half], 0, chunk)] + ([block(docs[half:], half, chunk)] if docs[half:] else [])
+    stream = LaneStream(iter(blocks), PAD)
     parts = [stream.take(segment_len) for _ in range(steps)]
     return [np.concatenate(column) for column in zip(*parts)]  # tokens, targets, doc_start, doc_pos, doc_id
 

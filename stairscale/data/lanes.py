@@ -2,7 +2,7 @@
 
 A document starts at a chunk boundary: the previous document's tail is padded to a multiple of
 the chunk size F with the pad token, which is never a target. The lane packer is the one place
-that turns documents into (tokens, targets, doc_start, doc_pos) segments.
+that turns documents into (tokens, targets, doc_start, doc_pos, doc_id) segments.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stairscale.data.tasks import IGNORE, Document
+from stairscale.data.tasks import IGNORE
 
 
 @dataclass
@@ -35,65 +35,81 @@ class Batch:
         return Batch(*(t[index] for t in self.fields()))
 
 
-def document_targets(doc: Document) -> np.ndarray:
-    """Aligned labels for labelled tasks; next-token targets for language modelling."""
-    if doc.labels is not None:
-        return doc.labels.astype(np.int64)
-    targets = np.full(len(doc.tokens), IGNORE, dtype=np.int64)
-    targets[:-1] = doc.tokens[1:]
-    return targets
+@dataclass
+class Packed:
+    """Documents laid out as a lane reads them: each starts at a chunk boundary, tails padded."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    doc_start: np.ndarray
+    doc_pos: np.ndarray
+    doc_id: np.ndarray
+
+    def columns(self) -> tuple[np.ndarray, ...]:
+        return (self.tokens, self.targets, self.doc_start, self.doc_pos, self.doc_id)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def slice(self, start: int, stop: int) -> tuple[np.ndarray, ...]:
+        return tuple(column[start:stop] for column in self.columns())
+
+
+def padding(length: int, pad_id: int) -> Packed:
+    return Packed(
+        tokens=np.full(length, pad_id, dtype=np.int64),
+        targets=np.full(length, IGNORE, dtype=np.int64),
+        doc_start=np.zeros(length, dtype=bool),
+        doc_pos=np.full(length, -1, dtype=np.int64),
+        doc_id=np.full(length, -1, dtype=np.int64),
+    )
+
+
+def pack(tokens: np.ndarray, labels: np.ndarray | None, lengths: np.ndarray, ids: np.ndarray, chunk: int, pad_id: int) -> Packed:
+    """Lay out documents given as one flat token array (and flat aligned labels, or None for
+    next-token targets) with their lengths and ids. Vectorised: no Python loop per document."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    padded = -(-lengths // chunk) * chunk
+    source_start = np.cumsum(lengths) - lengths
+    packed_start = np.cumsum(padded) - padded
+    doc_of_token = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(len(tokens)) - source_start[doc_of_token]
+    dest = packed_start[doc_of_token] + within
+    if labels is None:
+        flat_targets = np.empty(len(tokens), dtype=np.int64)
+        flat_targets[:-1] = tokens[1:]
+        flat_targets[source_start + lengths - 1] = IGNORE  # a document's last token has no next token
+    else:
+        flat_targets = labels
+    out = padding(int(padded.sum()), pad_id)
+    out.tokens[dest] = tokens
+    out.targets[dest] = flat_targets
+    out.doc_start[packed_start] = True
+    out.doc_pos[dest] = within
+    out.doc_id[dest] = np.asarray(ids, dtype=np.int64)[doc_of_token]
+    return out
 
 
 class LaneStream:
-    """Packs one lane's (document id, document) pairs into consecutive segments."""
+    """One lane: consecutive segments cut from a sequence of packed blocks, padding at the end."""
 
-    def __init__(self, documents: Iterator[tuple[int, Document]], chunk: int, pad_id: int):
-        self.documents = documents
-        self.chunk = chunk
+    def __init__(self, blocks: Iterator[Packed], pad_id: int):
+        self.blocks = blocks
         self.pad_id = pad_id
-        self.pieces: list[tuple[np.ndarray, ...]] = []  # (tokens, targets, doc_start, doc_pos, doc_id)
-        self.buffered = 0
-        self.exhausted = False
-
-    def _add_document(self, doc_id: int, doc: Document) -> None:
-        length = len(doc.tokens)
-        padded = -(-length // self.chunk) * self.chunk
-        tokens = np.full(padded, self.pad_id, dtype=np.int64)
-        tokens[:length] = doc.tokens
-        targets = np.full(padded, IGNORE, dtype=np.int64)
-        targets[:length] = document_targets(doc)
-        start = np.zeros(padded, dtype=bool)
-        start[0] = True
-        pos = np.full(padded, -1, dtype=np.int64)
-        pos[:length] = np.arange(length)
-        ids = np.full(padded, -1, dtype=np.int64)
-        ids[:length] = doc_id
-        self.pieces.append((tokens, targets, start, pos, ids))
-        self.buffered += padded
+        self.block: Packed | None = None
+        self.cursor = 0
 
     def take(self, length: int) -> tuple[np.ndarray, ...]:
-        """The next `length` positions; padding once the documents run out."""
-        while self.buffered < length and not self.exhausted:
-            item = next(self.documents, None)
-            if item is None:
-                self.exhausted = True
-            else:
-                self._add_document(*item)
-        if self.buffered < length:
-            missing = length - self.buffered
-            self.pieces.append(
-                (
-                    np.full(missing, self.pad_id, dtype=np.int64),
-                    np.full(missing, IGNORE, dtype=np.int64),
-                    np.zeros(missing, dtype=bool),
-                    np.full(missing, -1, dtype=np.int64),
-                    np.full(missing, -1, dtype=np.int64),
-                )
-            )
-            self.buffered = length
-        joined = [np.concatenate(parts) for parts in zip(*self.pieces)]
-        out = [a[:length] for a in joined]
-        rest = [a[length:] for a in joined]
-        self.pieces = [tuple(rest)] if len(rest[0]) else []
-        self.buffered = len(rest[0])
-        return tuple(out)
+        parts = []
+        while length:
+            if self.block is None or self.cursor == len(self.block):
+                self.block, self.cursor = next(self.blocks, None), 0
+                if self.block is None:  # documents used up: padding from here on
+                    self.blocks, self.block = iter(()), padding(length, self.pad_id)
+            count = min(length, len(self.block) - self.cursor)
+            parts.append(self.block.slice(self.cursor, self.cursor + count))
+            self.cursor += count
+            length -= count
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(np.concatenate(column) for column in zip(*parts))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stairscale.data.lanes import Batch, LaneStream
+from stairscale.data.lanes import Batch, LaneStream, Packed, pack
 from stairscale.data.shards import DataError, Dataset, Shard
 
 
@@ -73,13 +73,10 @@ def lane_position(spec: LoaderSpec, lane_shards: list[Shard], step: int) -> tupl
     return len(lane_shards), 0, 0  # past the lane's last document: padding only
 
 
-def _lane_documents(dataset: Dataset, lane_shards: list[Shard], shard_index: int, doc_index: int) -> Iterator:
-    """(document id in the split, document) pairs of a lane, from a shard and document on."""
-    for k in range(shard_index, len(lane_shards)):
-        shard = lane_shards[k]
-        start = doc_index if k == shard_index else 0
-        for offset, doc in enumerate(dataset.read(shard, start)):
-            yield shard.first_document + start + offset, doc
+def _lane_blocks(spec: LoaderSpec, dataset: Dataset, lane_shards: list[Shard], first: int) -> Iterator[Packed]:
+    for shard in lane_shards[first:]:
+        docs = dataset.read_shard(shard)
+        yield pack(docs.tokens, docs.labels, docs.lengths, docs.ids, spec.chunk, dataset.vocab.pad_id)
 
 
 def epoch_segments(spec: LoaderSpec, dataset: Dataset, plan: EpochPlan, lanes: list[int], start_step: int) -> Iterator[tuple[np.ndarray, ...]]:
@@ -87,9 +84,12 @@ def epoch_segments(spec: LoaderSpec, dataset: Dataset, plan: EpochPlan, lanes: l
     streams = []
     for lane in lanes:
         shard_index, doc_index, offset = lane_position(spec, plan.lanes[lane], start_step)
-        stream = LaneStream(_lane_documents(dataset, plan.lanes[lane], shard_index, doc_index), spec.chunk, dataset.vocab.pad_id)
-        if offset:
-            stream.take(offset)  # resume inside a document
+        stream = LaneStream(_lane_blocks(spec, dataset, plan.lanes[lane], shard_index), dataset.vocab.pad_id)
+        if shard_index < len(plan.lanes[lane]):  # resume inside the shard
+            lengths = plan.lanes[lane][shard_index].lengths[:doc_index]
+            skip = sum(padded(n, spec.chunk) for n in lengths) + offset
+            if skip:
+                stream.take(skip)
         streams.append(stream)
     for _ in range(start_step, plan.steps):
         parts = [stream.take(spec.segment_len) for stream in streams]

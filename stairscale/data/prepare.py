@@ -7,6 +7,7 @@ no `data.dir` prepares its task's dataset once into a cache directory named by t
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -81,7 +82,10 @@ def dataset_dir(cfg: RunConfig, log=print) -> Path:
     if cfg.data.dir:
         return Path(cfg.data.dir)
     path = Path(cfg.data.cache).expanduser() / f"{cfg.task.name}-{content_hash(cfg.task)}"
-    if not (path / MANIFEST).is_file():
-        log(f"preparing the {cfg.task.name} dataset in {path}")
-        prepare_dataset(cfg.task, path, cfg.data.shard_docs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs of one task prepare it once
+        if not (path / MANIFEST).is_file():
+            log(f"preparing the {cfg.task.name} dataset in {path}")
+            prepare_dataset(cfg.task, path, cfg.data.shard_docs)
     return path
