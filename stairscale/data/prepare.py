@@ -10,6 +10,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -77,7 +78,11 @@ def content_hash(cfg: TaskConfig) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def dataset_dir(cfg: RunConfig, log=print) -> Path:
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def dataset_dir(cfg: RunConfig, log=_to_stderr) -> Path:
     """The run's dataset: `data.dir`, or the task's cached dataset, prepared on first use."""
     if cfg.data.dir:
         return Path(cfg.data.dir)
