@@ -52,9 +52,9 @@ class Budget:
 
 
 QUICK = Budget(
-    walk_steps={"transformer_xl": 1500, "ladder": 1200, "staircase": 5000},
+    walk_steps={"transformer_xl": 1500, "ladder": 1200, "staircase": 7000},
     walk_lengths=[64, 128, 256],
-    walk_length_steps=[0.0, 0.25, 0.5],
+    walk_length_steps=[0.0, 0.3, 0.6],
     walk_eval_lengths=[128, 256],
     walk_docs=50000,
     algo_steps=1500,

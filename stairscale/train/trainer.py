@@ -13,6 +13,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from stairscale.config import RunConfig
+from stairscale.data.lanes import Batch
 from stairscale.data.loader import LaneLoader, LoaderSpec
 from stairscale.data.prepare import dataset_dir, train_split
 from stairscale.data.shards import Dataset
@@ -71,6 +72,20 @@ def evaluate(model: StaircaseLM, cfg: RunConfig, loader: LaneLoader, device: tor
     return tally
 
 
+class Progress:
+    """Counters for the console and TensorBoard: a window of recent steps, and the whole run."""
+
+    def __init__(self, labelled: bool, steps: int):
+        self.labelled, self.steps = labelled, steps
+        self.started = time.perf_counter()
+        self.restart_window()
+
+    def restart_window(self) -> None:
+        self.window = Tally(self.labelled)
+        self.window_start = time.perf_counter()
+        self.tokens = 0
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, quiet: bool = False):
         self.cfg = cfg
@@ -97,64 +112,80 @@ class Trainer:
             print(message, flush=True)
 
     def train(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        model = self.model
-        model.train()
+        t = self.cfg.train
+        self.model.train()
         self.log(self._describe())
-        groups = [slice(g * t.lanes // t.grad_accum, (g + 1) * t.lanes // t.grad_accum) for g in range(t.grad_accum)]
-        stage = -1
-        window = Tally(self.labelled)
-        started = time.perf_counter()
-        window_start, window_tokens = started, 0
-        for step in range(t.steps):
-            if stage + 1 < cfg.task.stages and step >= cfg.task.train_length_steps[stage + 1]:
-                stage += 1  # a new curriculum stage: new lanes from a fresh start
-                batches = iter(make_loader(cfg, self.data_root, train_split(cfg.task, stage), training=True))
-                states = [model.initial_state(t.lanes // t.grad_accum, self.device) for _ in groups]
-            lr = learning_rate(cfg, step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            batch = next(batches).to(self.device)
-            targets = max(1, int((batch.targets >= 0).sum()))
-            for g, lanes in enumerate(groups):
-                micro = batch.lanes(lanes)
-                with autocast(cfg, self.device):
-                    logprobs, states[g] = model(micro.tokens, micro.doc_start, states[g])
-                (supervised_nll(logprobs, micro.targets) / targets).backward()
-                window.add(logprobs.detach(), micro.targets, micro.doc_pos)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip else float("inf"))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            window_tokens += batch.tokens.numel()
+        progress = Progress(self.labelled, t.steps)
+        for step, batch, states in self._batches():
+            lr = learning_rate(self.cfg, step)
+            grad_norm = self._train_step(batch, states, lr, progress.window)
             done = step + 1
+            progress.tokens += batch.tokens.numel()
             if done % t.log_every == 0 or done == t.steps:
-                now = time.perf_counter()
-                speed = window_tokens / (now - window_start)
-                summary = window.summary()
-                eta = (now - started) / done * (t.steps - done)
-                self.log(
-                    f"step {done}/{t.steps} | loss {summary['loss']:.4f} | {headline(summary)} | lr {lr:.2e} "
-                    f"| grad {float(grad_norm):.3f} | {speed / 1e3:.1f}k tok/s | ETA {_duration(eta)}"
-                )
-                self._scalars("train", summary, done)
-                self.writer.add_scalar("train/lr", lr, done)
-                self.writer.add_scalar("train/grad_norm", float(grad_norm), done)
-                self.writer.add_scalar("train/tokens_per_s", speed, done)
-                window, window_start, window_tokens = Tally(self.labelled), now, 0
+                self._log_progress(progress, done, lr, grad_norm)
             if t.eval_every and done % t.eval_every == 0 and done < t.steps:
                 self._evaluate("valid", done)
-                window_start = time.perf_counter()
-        results = {"train_seconds": time.perf_counter() - started}
-        results["valid"] = self._evaluate("valid", t.steps)
+                progress.restart_window()  # evaluation time is not training speed
+        return self._finish(time.perf_counter() - progress.started)
+
+    def _batches(self):
+        """(step, global batch, recurrent state per micro-batch); a curriculum stage starts new lanes."""
+        cfg, t = self.cfg, self.cfg.train
+        stage = -1
+        for step in range(t.steps):
+            if stage + 1 < cfg.task.stages and step >= cfg.task.train_length_steps[stage + 1]:
+                stage += 1
+                batches = iter(make_loader(cfg, self.data_root, train_split(cfg.task, stage), training=True))
+                states = [self.model.initial_state(t.lanes // t.grad_accum, self.device) for _ in range(t.grad_accum)]
+            yield step, next(batches).to(self.device), states
+
+    def _train_step(self, batch: Batch, states: list, lr: float, tally: Tally) -> float:
+        """One optimizer step over the global batch, its lanes split into grad_accum micro-batches,
+        each carrying its own state; the loss is normalised over the whole batch's targets."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        targets = max(1, int((batch.targets >= 0).sum()))
+        size = t.lanes // t.grad_accum
+        for g in range(t.grad_accum):
+            micro = batch.lanes(slice(g * size, (g + 1) * size))
+            with autocast(self.cfg, self.device):
+                logprobs, states[g] = self.model(micro.tokens, micro.doc_start, states[g])
+            (supervised_nll(logprobs, micro.targets) / targets).backward()
+            tally.add(logprobs.detach(), micro.targets, micro.doc_pos)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def _log_progress(self, progress: Progress, done: int, lr: float, grad_norm: float) -> None:
+        now = time.perf_counter()
+        speed = progress.tokens / (now - progress.window_start)
+        summary = progress.window.summary()
+        eta = (now - progress.started) / done * (progress.steps - done)
+        self.log(
+            f"step {done}/{progress.steps} | loss {summary['loss']:.4f} | {headline(summary)} | lr {lr:.2e} "
+            f"| grad {grad_norm:.3f} | {speed / 1e3:.1f}k tok/s | ETA {_duration(eta)}"
+        )
+        self._scalars("train", summary, done)
+        self.writer.add_scalar("train/lr", lr, done)
+        self.writer.add_scalar("train/grad_norm", grad_norm, done)
+        self.writer.add_scalar("train/tokens_per_s", speed, done)
+        progress.restart_window()
+
+    def _finish(self, train_seconds: float) -> dict:
+        """Final validation and test, checkpoint and results.json."""
+        steps = self.cfg.train.steps
+        results = {"train_seconds": train_seconds, "valid": self._evaluate("valid", steps)}
         test = self._test_tally()
         results["test"] = test.summary()
-        self._scalars("test", results["test"], t.steps)
+        self._scalars("test", results["test"], steps)
         if self.labelled:
             results["test_error_by_position"] = test.error_by_position(bucket=32)
         results.update(self._facts())
         results["curve"] = self.curve
         self.log(f"test: {headline(results['test'])} (loss {results['test']['loss']:.4f})")
-        save_checkpoint(self.run_dir, {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": t.steps})
+        save_checkpoint(self.run_dir, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": steps})
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         self.writer.close()
         return results
