@@ -1,0 +1,106 @@
+"""The pipeline schedule for recurrent cores, as a pure list of actions (no processes).
+
+A segment of a staircase-family model is S sequential core calls ("steps"; S = M/F + n - 1 for
+the staircase, S = R for the ladder). With the core's layers split over P pipeline stages, the
+forward of (micro-batch g, step s) on stage p needs
+
+- stage p-1's output of (g, s): the activations flowing down the layers, and
+- for stage 0, stage P-1's output of (g, s-1): the top rows a step carries to the next one.
+
+Backward mirrors it: (g, s) on stage p needs stage p+1's backward of (g, s), and stage P-1 needs
+stage 0's backward of (g, s+1), because step s's top rows fed step s+1's first layer.
+
+One micro-batch alone walks the stages one at a time, so it keeps one stage busy. Independent
+micro-batches (disjoint groups of lanes) fill the others: a wavefront. `schedule` simulates unit-time
+slots and, on each stage, runs the ready action that comes first in (phase, step, micro-batch)
+order; backward waits until every forward of the segment is done (truncated back-propagation
+through the whole segment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class Action:
+    phase: str  # "F" forward, "B" backward
+    step: int
+    micro: int
+    stage: int
+
+
+def dependencies(action: Action, stages: int, steps: int) -> list[Action]:
+    """The actions whose results this action needs."""
+    p, g, s = action.stage, action.micro, action.step
+    if action.phase == "F":
+        if p > 0:
+            return [Action("F", s, g, p - 1)]
+        return [Action("F", s - 1, g, stages - 1)] if s > 0 else []
+    needs = [Action("F", s, g, p)]  # its own forward (the saved activations)
+    if p < stages - 1:
+        needs.append(Action("B", s, g, p + 1))
+    elif s < steps - 1:
+        needs.append(Action("B", s + 1, g, 0))
+    return needs
+
+
+@dataclass
+class Schedule:
+    slots: list[list[Action | None]]  # slots[t][p]: what stage p does in time slot t
+    stages: int
+    micro_batches: int
+    steps: int
+
+    @property
+    def length(self) -> int:
+        return len(self.slots)
+
+    @property
+    def bubble_fraction(self) -> float:
+        idle = sum(a is None for slot in self.slots for a in slot)
+        return idle / (self.length * self.stages)
+
+    def per_stage(self, stage: int) -> list[Action]:
+        """The ordered actions of one stage: what that rank executes."""
+        return [slot[stage] for slot in self.slots if slot[stage] is not None]
+
+
+def schedule(stages: int, micro_batches: int, steps: int, backward: bool = True) -> Schedule:
+    phases = ("F", "B") if backward else ("F",)
+    pending = {
+        Action(phase, s, g, p) for phase in phases for s in range(steps) for g in range(micro_batches) for p in range(stages)
+    }
+    forwards_left = steps * micro_batches * stages
+    done: set[Action] = set()
+    slots = []
+    while pending:
+        ready = [a for a in pending if all(d in done for d in dependencies(a, stages, steps))]
+        if forwards_left:
+            ready = [a for a in ready if a.phase == "F"]
+        slot: list[Action | None] = [None] * stages
+        for action in sorted(ready, key=_priority):
+            if slot[action.stage] is None:
+                slot[action.stage] = action
+        for action in slot:
+            if action is not None:
+                pending.remove(action)
+                done.add(action)
+                forwards_left -= action.phase == "F"
+        slots.append(slot)
+    return Schedule(slots, stages, micro_batches, steps)
+
+
+def _priority(action: Action) -> tuple:
+    # Forward: earliest step first, so every micro-batch advances; backward: latest step first.
+    return (action.phase, action.step if action.phase == "F" else -action.step, action.micro)
+
+
+def forward_bubble_fraction(stages: int, micro_batches: int, steps: int) -> float:
+    """Idle share of the forward wavefront, in closed form (unit-time actions).
+
+    With G >= P micro-batches every stage is busy once the wave has filled: S*G + P - 1 slots.
+    With G < P a step's chain of P stages bounds the period: S*P + G - 1 slots.
+    Busy slots are S*G per stage either way."""
+    length = steps * max(micro_batches, stages) + min(micro_batches, stages) - 1
+    return 1 - steps * micro_batches / length
