@@ -36,6 +36,7 @@ class ModelConfig:
     cache_len: int = 0  # cached / global_cached: tokens of final states kept
     mem_len: int = 0  # transformer_xl / ladder: layer-input memory per layer
     repeats: int = 1  # R: ladder repeats of the core
+    activation_checkpointing: bool = False  # recompute each core call in backward instead of storing it
 
     @property
     def passes(self) -> int:

@@ -197,3 +197,16 @@ def test_state_dict_round_trip():
     b, _ = model(tokens, starts * False, restored)
     assert torch.equal(a, b)
     assert set(state.rows) == {"step0", "cache"}
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(**STATEFUL["cached"], activation_checkpointing=checkpointing).train()
+        tokens, starts = stream(length=16)
+        state = model.initial_state(3)
+        for segment in (slice(0, 8), slice(8, 16)):
+            logprobs, state = model(tokens[:, segment], starts[:, segment], state)
+            logprobs.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert (grads[0] - grads[1]).abs().max() < 1e-10

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from stairscale.config import ModelConfig
 from stairscale.model.state import HIDDEN, Rows
@@ -155,6 +156,11 @@ class Core(nn.Module):
         to. Returns the top outputs [B, T, d] and the queries' per-layer inputs [L, B, T, d].
         """
         self.calls += 1
+        if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._layers, x, pos, doc, context, use_reentrant=False)
+        return self._layers(x, pos, doc, context)
+
+    def _layers(self, x: Tensor, pos: Tensor, doc: Tensor, context: Rows | None) -> tuple[Tensor, Tensor]:
         k_pos = pos if context is None else torch.cat([context.pos, pos])
         k_doc = doc if context is None else torch.cat([context.doc, doc], dim=1)
         geometry = attention_geometry(self.cfg, pos, doc, k_pos, k_doc)
