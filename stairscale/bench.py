@@ -11,7 +11,7 @@ from stairscale.config import RunConfig
 from stairscale.data.prepare import dataset_dir, train_split
 from stairscale.data.shards import Dataset
 from stairscale.train.metrics import supervised_nll
-from stairscale.train.trainer import build_model, make_loader, resolve_device
+from stairscale.train.trainer import autocast, build_model, make_loader, resolve_device
 
 
 def _rate(batches, seconds: float, work=lambda batch: None) -> float:
@@ -25,11 +25,9 @@ def _rate(batches, seconds: float, work=lambda batch: None) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def bench_data(cfg: RunConfig, seconds: float) -> dict:
-    root = dataset_dir(cfg)
-    split = train_split(cfg.task, 0)
-    loader_rate = _rate(iter(make_loader(cfg, root, split, training=True)), seconds)
-
+def train_rate(cfg: RunConfig, seconds: float, root=None) -> float:
+    """Tokens/s of the config's train step (forward, backward, AdamW), fed by the real loader."""
+    root = root or dataset_dir(cfg)
     device = resolve_device(cfg)
     model = build_model(cfg, Dataset(root)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
@@ -38,12 +36,22 @@ def bench_data(cfg: RunConfig, seconds: float) -> dict:
     def train_step(batch):
         nonlocal state
         batch = batch.to(device)
-        logprobs, state = model(batch.tokens, batch.doc_start, state)
+        with autocast(cfg, device):
+            logprobs, state = model(batch.tokens, batch.doc_start, state)
         supervised_nll(logprobs, batch.targets).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    train_rate = _rate(iter(make_loader(cfg, root, split, training=True)), seconds, train_step)
+    return _rate(iter(make_loader(cfg, root, train_split(cfg.task, 0), training=True)), seconds, train_step)
+
+
+def bench_data(cfg: RunConfig, seconds: float) -> dict:
+    root = dataset_dir(cfg)
+    split = train_split(cfg.task, 0)
+    loader_rate = _rate(iter(make_loader(cfg, root, split, training=True)), seconds)
+    train = train_rate(cfg, seconds, root)
     result = {
         "dataset": str(root),
         "split": split,
@@ -51,12 +59,12 @@ def bench_data(cfg: RunConfig, seconds: float) -> dict:
         "segment_len": cfg.train.segment_len,
         "workers": cfg.data.workers,
         "loader_tokens_per_s": loader_rate,
-        "train_tokens_per_s": train_rate,
-        "loader_over_train": loader_rate / train_rate,
+        "train_tokens_per_s": train,
+        "loader_over_train": loader_rate / train,
     }
     print(
         f"loader: {loader_rate / 1e6:.2f} M tokens/s per process ({cfg.data.workers} workers, "
-        f"{cfg.train.lanes} lanes x {cfg.train.segment_len}) | train step ({cfg.model.schedule}, {device}): "
-        f"{train_rate / 1e3:.1f} k tokens/s | loader / train = {loader_rate / train_rate:.1f}x"
+        f"{cfg.train.lanes} lanes x {cfg.train.segment_len}) | train step ({cfg.model.schedule}, {resolve_device(cfg)}): "
+        f"{train / 1e3:.1f} k tokens/s | loader / train = {loader_rate / train:.1f}x"
     )
     return result

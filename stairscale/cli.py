@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("experiment", choices=["tracking"])
     reproduce.add_argument("--quick", action="store_true", help="the 2-CPU-core variant (under 30 minutes)")
     reproduce.add_argument("--out", default="runs/tracking", help="directory for the runs and the table")
+    reproduce.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's steps (slower/faster machines)")
+    reproduce.add_argument("--fit-minutes", type=float, help="measure the models' steps here and scale the runs to this many minutes")
 
     args = parser.parse_args(argv)
     try:
@@ -59,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             print(json.dumps(evaluate_run(args.run, args.split, args.set), indent=2))
         else:
-            from stairscale.reproduce import reproduce_tracking
+            from stairscale.reproduce import FULL, QUICK, fit_steps_scale, reproduce_tracking
 
-            reproduce_tracking(quick=args.quick, out=Path(args.out))
+            scale = args.steps_scale
+            if args.fit_minutes:
+                scale = fit_steps_scale(QUICK if args.quick else FULL, Path(args.out), args.fit_minutes)
+            reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale)
     except ConfigError as err:
         print(f"stairscale: config error: {err}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ class ModelConfig:
     d_ff: int = 256
     dropout: float = 0.0  # on the feed-forward hidden layer
     attn_dropout: float = 0.0  # on attention probabilities
-    positions: str = "relative"  # "relative" (paper) or "rope"
+    positions: str = "rope"  # "rope" (ours, fast) or "relative" (the paper's learned table)
     attn_lim: int = 32  # keys at distance >= attn_lim are masked
     chunk: int = 8  # F: new tokens per staircase step
     window: int = 2  # n: chunks per staircase step (passes per token)
@@ -93,9 +93,9 @@ class TaskConfig:
     format: str = "auto"  # text: auto | files | enwik8
     # Random walk document lengths: a curriculum of (lengths, from step). train_lengths[i] is used
     # from step train_length_steps[i] on.
-    train_lengths: list[int] = field(default_factory=lambda: [64, 128, 256])
-    train_length_steps: list[int] = field(default_factory=lambda: [0, 300, 600])
-    eval_length: int = 256  # random walk validation/test document length
+    train_lengths: list[int] = field(default_factory=lambda: [64, 128])
+    train_length_steps: list[int] = field(default_factory=lambda: [0, 1200])
+    eval_length: int = 128  # random walk validation/test document length
     eval_docs: int = 64  # random walk / algorithmic: documents per validation or test evaluation (0 = all)
     train_docs: int = 50000  # random walk: training documents per curriculum length
     piece_len: int = 1 << 20  # text: longer documents are cut into pieces of this many bytes
@@ -143,15 +143,15 @@ class TrainConfig:
     lanes: int = 32  # B: lanes per step (global batch)
     segment_len: int = 64  # M: tokens per lane per step
     grad_accum: int = 1  # lanes are split into this many micro-batches per step
-    steps: int = 1000
-    lr: float = 3e-3
+    steps: int = 2000
+    lr: float = 2e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     lr_schedule: str = "cosine"  # cosine | constant
-    warmup_steps: int = 50
+    warmup_steps: int = 200
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.98
-    grad_clip: float = 1.0  # 0 = no clipping
+    grad_clip: float = 0.25  # 0 = no clipping
     eval_every: int = 200  # 0 = only at the end
     log_every: int = 20
     seed: int = 0

@@ -32,7 +32,7 @@ def test_overrides_are_typed():
         (["model.window=0"], "model.window"),
         (["model.chunk=12"], "model.chunk"),  # M=64 is not a multiple of F=12
         (["model.attn_lim=8"], "model.attn_lim"),  # shorter than the window n*F = 16
-        (["model.schedule=cached", "model.cache_len=16", "model.attn_lim=24"], "model.attn_lim"),  # < S + cache
+        (["model.schedule=cached", "model.cache_len=16", "model.attn_lim=24", "model.positions=relative"], "model.attn_lim"),
         (["model.schedule=cached"], "model.cache_len"),
         (["model.schedule=transformer_xl"], "model.mem_len"),
         (["model.n_heads=3"], "model.n_heads"),
