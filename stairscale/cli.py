@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate_run(run_dir: str, split: str, overrides: list[str] = ()) -> dict:
+def score_run(run_dir: str, split: str, overrides: list[str] = ()):
     """Load a run's config and checkpoint and score `split` with carried state from a fresh start."""
     from stairscale.data.prepare import dataset_dir
     from stairscale.data.shards import Dataset
@@ -85,7 +85,11 @@ def evaluate_run(run_dir: str, split: str, overrides: list[str] = ()) -> dict:
     model = build_model(cfg, Dataset(root))
     model.load_state_dict(load_checkpoint(run_dir)["model"])
     device = resolve_device(cfg)
-    tally = evaluate(model.to(device), cfg, make_loader(cfg, root, split, training=False), device)
+    return evaluate(model.to(device), cfg, make_loader(cfg, root, split, training=False), device)
+
+
+def evaluate_run(run_dir: str, split: str, overrides: list[str] = ()) -> dict:
+    tally = score_run(run_dir, split, overrides)
     result = {"run": str(run_dir), "split": split, **tally.summary()}
     if tally.labelled:
         result["error_by_position"] = tally.error_by_position(bucket=32)

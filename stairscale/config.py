@@ -147,6 +147,7 @@ class TrainConfig:
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     lr_schedule: str = "cosine"  # cosine | constant
+    lr_restarts: bool = False  # restart warm-up + schedule at every curriculum stage
     warmup_steps: int = 200
     weight_decay: float = 0.0
     beta1: float = 0.9

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from stairscale.cli import evaluate_run
+from stairscale.cli import score_run
 
 PAPER = {  # error %, from the paper's Table (random walk, algorithmic)
     "transformer_xl": (84.1, 48.7),
@@ -172,20 +172,14 @@ def score(out: Path, budget: Budget) -> dict:
             "algo_error_by_position": algo_results["test_error_by_position"],
         }
         for length in budget.walk_eval_lengths:
-            scored = evaluate_run(str(walk_dir), "test", [f"task.eval_length={length}", "task.eval_docs=256"])
+            tally = score_run(str(walk_dir), "test", [f"task.eval_length={length}", "task.eval_docs=256"])
             entry["walk"][length] = {
-                "error": scored["error"],
-                "beyond_txl_reach": _error_from(scored["error_by_position"], txl_reach),
-                "error_by_position": scored["error_by_position"],
+                "error": tally.summary()["error"],
+                "beyond_txl_reach": tally.error_from(txl_reach),
+                "error_by_position": tally.error_by_position(bucket=32),
             }
         report["models"][model] = entry
     return report
-
-
-def _error_from(by_position: list, start: int) -> float:
-    # Buckets are 32 positions wide and the reach is a multiple of 32 in these configs.
-    kept = [error for first, error in by_position if first >= start]
-    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def render(report: dict) -> str:

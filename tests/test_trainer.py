@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stairscale.config import load_config
-from stairscale.train.trainer import Trainer, evaluate, make_loader
+from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_loader
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
         "model.chunk=4", "model.attn_lim=16", "train.log_every=2", "train.eval_every=3", "task.eval_docs=8",
@@ -99,3 +99,17 @@ def test_cli_train_then_eval_agree(tmp_path, cache):
 def test_cli_config_error_names_the_key(tmp_path):
     out = subprocess.run([sys.executable, "-m", "stairscale.cli", "train", "--set", "model.window=0"], capture_output=True, text=True)
     assert out.returncode == 2 and "model.window" in out.stderr
+
+
+def test_learning_rate_warms_up_decays_and_restarts_per_stage():
+    cfg = load_config(None, ["train.steps=3000", "train.warmup_steps=200", "train.lr=0.002", "train.min_lr_ratio=0.05",
+                             "task.train_lengths=[64,128,256]", "task.train_length_steps=[0,1000,2000]"])
+    lr = [learning_rate(cfg, s) for s in range(3000)]
+    assert lr[199] == pytest.approx(0.002) and lr[0] == pytest.approx(0.002 / 200)
+    assert all(a >= b for a, b in zip(lr[200:], lr[201:]))  # one decay over the whole run
+    assert lr[-1] == pytest.approx(0.0001, rel=0.01)
+    cfg.train.lr_restarts = True
+    lr = [learning_rate(cfg, s) for s in range(3000)]
+    for start in (0, 1000, 2000):  # every stage warms up again and decays to the floor
+        assert lr[start] == pytest.approx(0.002 / 200) and lr[start + 199] == pytest.approx(0.002)
+        assert lr[start + 999] == pytest.approx(0.0001, rel=0.01)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -46,12 +47,20 @@ def make_loader(cfg: RunConfig, root, split: str, training: bool) -> LaneLoader:
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio (or constant). With
+    train.lr_restarts the schedule starts again at every curriculum stage."""
     t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
+    start, end = 0, t.steps
+    if t.lr_restarts:
+        bounds = cfg.task.train_length_steps[: cfg.task.stages] + [t.steps]
+        stage = bisect.bisect_right(bounds, step) - 1
+        start, end = bounds[stage], bounds[stage + 1]
+    local = step - start
+    if local < t.warmup_steps:
+        return t.lr * (local + 1) / t.warmup_steps
     if t.lr_schedule == "constant":
         return t.lr
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    progress = (local - t.warmup_steps) / max(1, end - start - t.warmup_steps)
     floor = t.lr * t.min_lr_ratio
     return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
