@@ -148,6 +148,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     lr_schedule: str = "cosine"  # cosine | constant
     lr_restarts: bool = False  # restart warm-up + schedule at every curriculum stage
+    stage_lr: list[float] = field(default_factory=list)  # with lr_restarts: peak lr of each stage (empty: lr)
     warmup_steps: int = 200
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -173,6 +174,8 @@ class TrainConfig:
         need(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", f"{self.precision!r} is not auto, fp32 or bf16")
         need(self.warmup_steps >= 0 and self.grad_clip >= 0, "warmup_steps" if self.warmup_steps < 0 else "grad_clip", "must be >= 0")
+        need(not self.stage_lr or self.lr_restarts, "stage_lr", "needs train.lr_restarts: true")
+        need(all(lr > 0 for lr in self.stage_lr), "stage_lr", "every stage's lr must be > 0")
 
 
 @dataclass
@@ -188,6 +191,8 @@ class RunConfig:
         self.data.validate()
         self.train.validate()
         self.model.validate(self.train.segment_len)
+        if self.train.stage_lr and len(self.train.stage_lr) != self.task.stages:
+            raise ConfigError(f"train.stage_lr: {len(self.train.stage_lr)} values for {self.task.stages} curriculum stages")
         return self
 
     def to_dict(self) -> dict:

@@ -42,6 +42,7 @@ class Budget:
     walk_steps: dict[str, int]
     walk_lengths: list[int]
     walk_length_steps: list[float]  # fractions of the run
+    walk_stage_lr: list[float]  # peak learning rate of each curriculum stage (restarted per stage)
     walk_eval_lengths: list[int]
     walk_docs: int  # training walks per curriculum length
     algo_steps: int
@@ -54,7 +55,8 @@ class Budget:
 QUICK = Budget(
     walk_steps={"transformer_xl": 1500, "ladder": 1200, "staircase": 7000},
     walk_lengths=[64, 128, 256],
-    walk_length_steps=[0.0, 0.3, 0.6],
+    walk_length_steps=[0.0, 1 / 3, 2 / 3],
+    walk_stage_lr=[2e-3, 5e-4, 5e-4],
     walk_eval_lengths=[128, 256],
     walk_docs=50000,
     algo_steps=1500,
@@ -66,7 +68,8 @@ QUICK = Budget(
 FULL = Budget(
     walk_steps={"transformer_xl": 3000, "ladder": 3000, "staircase": 6000},
     walk_lengths=[64, 128, 256, 512, 1024],
-    walk_length_steps=[0.0, 0.15, 0.3, 0.45, 0.6],
+    walk_length_steps=[0.0, 0.2, 0.4, 0.6, 0.8],
+    walk_stage_lr=[2e-3, 5e-4, 5e-4, 5e-4, 5e-4],
     walk_eval_lengths=[128, 1024],
     walk_docs=20000,
     algo_steps=3000,
@@ -85,6 +88,7 @@ def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: fl
         task_cfg = dict(name="random_walk", positions=8, train_lengths=budget.walk_lengths,
                         train_length_steps=[int(f * steps) for f in budget.walk_length_steps],
                         eval_length=budget.walk_eval_lengths[-1], eval_docs=128, train_docs=budget.walk_docs)
+        train.update(lr_restarts=True, stage_lr=budget.walk_stage_lr)
     else:
         steps = max(10, round(budget.algo_steps * steps_scale))
         task_cfg = dict(name="algorithmic", variables=3, eval_docs=256)
@@ -172,7 +176,8 @@ def score(out: Path, budget: Budget) -> dict:
             "algo_error_by_position": algo_results["test_error_by_position"],
         }
         for length in budget.walk_eval_lengths:
-            tally = score_run(str(walk_dir), "test", [f"task.eval_length={length}", "task.eval_docs=256"])
+            # train_docs=1: the scoring dataset needs only the test split (which train_docs does not change)
+            tally = score_run(str(walk_dir), "test", [f"task.eval_length={length}", "task.eval_docs=256", "task.train_docs=1"])
             entry["walk"][length] = {
                 "error": tally.summary()["error"],
                 "beyond_txl_reach": tally.error_from(txl_reach),

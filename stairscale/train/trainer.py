@@ -50,19 +50,20 @@ def learning_rate(cfg: RunConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio (or constant). With
     train.lr_restarts the schedule starts again at every curriculum stage."""
     t = cfg.train
-    start, end = 0, t.steps
+    start, end, peak = 0, t.steps, t.lr
     if t.lr_restarts:
         bounds = cfg.task.train_length_steps[: cfg.task.stages] + [t.steps]
         stage = bisect.bisect_right(bounds, step) - 1
         start, end = bounds[stage], bounds[stage + 1]
+        peak = t.stage_lr[stage] if t.stage_lr else t.lr
     local = step - start
     if local < t.warmup_steps:
-        return t.lr * (local + 1) / t.warmup_steps
+        return peak * (local + 1) / t.warmup_steps
     if t.lr_schedule == "constant":
-        return t.lr
+        return peak
     progress = (local - t.warmup_steps) / max(1, end - start - t.warmup_steps)
-    floor = t.lr * t.min_lr_ratio
-    return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    floor = peak * t.min_lr_ratio
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 @torch.no_grad()
