@@ -98,6 +98,7 @@ class TaskConfig:
     eval_length: int = 128  # random walk validation/test document length
     eval_docs: int = 64  # random walk / algorithmic: documents per validation or test evaluation (0 = all)
     train_docs: int = 50000  # random walk: training documents per curriculum length
+    train_length_spread: float = 0.5  # random walk: training lengths uniform in [L*(1-spread), L]
     piece_len: int = 1 << 20  # text: longer documents are cut into pieces of this many bytes
     seed: int = 0
 
@@ -114,6 +115,8 @@ class TaskConfig:
             raise ConfigError("task.train_length_steps: must start at 0 and increase")
         if min(self.train_lengths) < 2 or self.eval_length < 2:
             raise ConfigError("task.train_lengths: documents need at least 2 tokens (start token + one move)")
+        if not 0.0 <= self.train_length_spread < 1.0:
+            raise ConfigError("task.train_length_spread: must be in [0, 1)")
         for key in ("eval_docs", "train_docs", "piece_len"):
             if getattr(self, key) < (0 if key == "eval_docs" else 1):
                 raise ConfigError(f"task.{key}: must be positive, got {getattr(self, key)}")

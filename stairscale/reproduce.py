@@ -53,10 +53,10 @@ class Budget:
 
 
 QUICK = Budget(
-    walk_steps={"transformer_xl": 1500, "ladder": 1200, "staircase": 7000},
+    walk_steps={"transformer_xl": 1500, "ladder": 1200, "staircase": 9000},
     walk_lengths=[64, 128, 256],
     walk_length_steps=[0.0, 1 / 3, 2 / 3],
-    walk_stage_lr=[2e-3, 5e-4, 5e-4],
+    walk_stage_lr=[2e-3, 3e-4, 3e-4],
     walk_eval_lengths=[128, 256],
     walk_docs=50000,
     algo_steps=1500,
@@ -69,7 +69,7 @@ FULL = Budget(
     walk_steps={"transformer_xl": 3000, "ladder": 3000, "staircase": 6000},
     walk_lengths=[64, 128, 256, 512, 1024],
     walk_length_steps=[0.0, 0.2, 0.4, 0.6, 0.8],
-    walk_stage_lr=[2e-3, 5e-4, 5e-4, 5e-4, 5e-4],
+    walk_stage_lr=[2e-3, 3e-4, 3e-4, 3e-4, 3e-4],
     walk_eval_lengths=[128, 1024],
     walk_docs=20000,
     algo_steps=3000,

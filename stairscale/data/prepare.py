@@ -50,9 +50,12 @@ def task_splits(cfg: TaskConfig) -> dict[str, Iterable[Document]]:
 
 
 def _walks(task: RandomWalkTask, cfg: TaskConfig, length: int) -> Iterator[Document]:
+    """Training walks of random lengths up to `length`: lanes then drift out of step, so no
+    batch holds only document starts or only late positions."""
     rng = np.random.default_rng([cfg.seed, 0, length])
+    shortest = max(2, round(length * (1 - cfg.train_length_spread)))
     for _ in range(cfg.train_docs):
-        yield task.document(length, rng)
+        yield task.document(int(rng.integers(shortest, length + 1)), rng)
 
 
 def _pieces(documents: list[Document], piece_len: int, bos_id: int) -> Iterator[Document]:
