@@ -72,7 +72,7 @@ def test_memoryless_models_see_only_their_segment(schedule):
 def reference_staircase(model, tokens):
     """The staircase by its definition: every step recomputes its whole window from scratch."""
     cfg, core = model.cfg, model.core
-    F, n, lanes = cfg.chunk, cfg.window, tokens.shape[0]
+    F, n = cfg.chunk, cfg.window
     chunks = tokens.shape[1] // F
     doc = torch.ones(tokens.shape, dtype=torch.long)
     pos = torch.arange(tokens.shape[1])
@@ -119,7 +119,7 @@ def test_causality():
         tokens, starts = stream(lanes=1, length=16)
         captured = []
 
-        def capture(module, args, out):
+        def capture(module, args, out, captured=captured):
             out = out.detach().requires_grad_()
             captured.append(out)
             return out

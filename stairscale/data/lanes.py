@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from stairscale.data.tasks import IGNORE
