@@ -198,7 +198,7 @@ def render(report: dict) -> str:
         "| model | parameters | passes/token | "
         + " | ".join(f"walk err % ({n}-token docs)" for n in lengths)
         + f" | walk err % beyond pos {reach} ({longest}-token docs) | algorithmic err % | paper walk | paper algorithmic |",
-        "|---" * (6 + len(lengths)) + "|",
+        "|---" * (7 + len(lengths)) + "|",
     ]
     for name, entry in models.items():
         walk = " | ".join(f"{entry['walk'][n]['error']:.1f}" for n in lengths)
