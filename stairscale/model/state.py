@@ -60,9 +60,6 @@ class Rows:
     def hide_lanes(self, lanes: Tensor) -> Rows:
         return Rows(self.h, self.pos, self.doc.masked_fill(lanes[:, None], HIDDEN))
 
-    def select_lanes(self, index: Tensor) -> Rows:
-        return Rows(self.h[:, index], self.pos, self.doc[index])
-
 
 class RecurrentState:
     """What a model carries across a segment boundary, for B lanes.
@@ -82,35 +79,10 @@ class RecurrentState:
         """A fresh stream: no carried rows (absent, not zero)."""
         return cls(0, torch.zeros(lanes, dtype=torch.long, device=device), {})
 
-    @property
-    def lanes(self) -> int:
-        return self.doc.shape[0]
-
     def reset(self, lanes: Tensor) -> RecurrentState:
         """Forget everything carried for the lanes where `lanes` is True (a new stream starts)."""
         rows = {name: r.hide_lanes(lanes) for name, r in self.rows.items()}
         return RecurrentState(self.position, self.doc + lanes.long(), rows)
-
-    def detach(self) -> RecurrentState:
-        return RecurrentState(self.position, self.doc, {k: r.detach() for k, r in self.rows.items()})
-
-    def select_lanes(self, index: Tensor) -> RecurrentState:
-        rows = {k: r.select_lanes(index) for k, r in self.rows.items()}
-        return RecurrentState(self.position, self.doc[index], rows)
-
-    @staticmethod
-    def cat_lanes(states: list[RecurrentState]) -> RecurrentState:
-        """Join states of disjoint lane groups (same position, same row layout) along the lanes."""
-        first = states[0]
-        rows = {
-            name: Rows(
-                torch.cat([s.rows[name].h for s in states], dim=1),
-                first.rows[name].pos,
-                torch.cat([s.rows[name].doc for s in states], dim=0),
-            )
-            for name in first.rows
-        }
-        return RecurrentState(first.position, torch.cat([s.doc for s in states]), rows)
 
     def state_dict(self) -> dict[str, Tensor]:
         out = {"position": torch.tensor(self.position), "doc": self.doc}
@@ -127,7 +99,3 @@ class RecurrentState:
         self.rows = {
             n: Rows(state[f"rows.{n}.h"], state[f"rows.{n}.pos"], state[f"rows.{n}.doc"]) for n in names
         }
-
-    def to(self, device: torch.device | str) -> RecurrentState:
-        rows = {k: Rows(r.h.to(device), r.pos.to(device), r.doc.to(device)) for k, r in self.rows.items()}
-        return RecurrentState(self.position, self.doc.to(device), rows)
