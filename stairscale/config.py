@@ -93,8 +93,8 @@ class TaskConfig:
     format: str = "auto"  # text: auto | files | enwik8
     # Random walk document lengths: a curriculum of (lengths, from step). train_lengths[i] is used
     # from step train_length_steps[i] on.
-    train_lengths: list[int] = field(default_factory=lambda: [64, 128])
-    train_length_steps: list[int] = field(default_factory=lambda: [0, 1200])
+    train_lengths: list[int] = field(default_factory=lambda: [64])
+    train_length_steps: list[int] = field(default_factory=lambda: [0])
     eval_length: int = 128  # random walk validation/test document length
     eval_docs: int = 64  # random walk / algorithmic: documents per validation or test evaluation (0 = all)
     train_docs: int = 50000  # random walk: training documents per curriculum length

@@ -39,7 +39,7 @@ def test_overrides_are_typed():
         (["train.grad_accum=3"], "train.grad_accum"),
         (["train.lr_schedule=linear"], "train.lr_schedule"),
         (["task.name=chess"], "task.name"),
-        (["task.train_length_steps=[0]"], "task.train_length_steps"),
+        (["task.train_length_steps=[0,5]"], "task.train_length_steps"),  # two starts, one length
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
@@ -59,3 +59,12 @@ def test_bad_file(tmp_path):
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("model:\n  d_model: 64\n  layers: 2\n")
     assert error_for(path=wrong).startswith("model.layers")
+
+
+def test_shipped_configs_load_and_the_default_is_written_out():
+    from pathlib import Path
+
+    configs = Path(__file__).parent.parent / "configs"
+    for path in configs.glob("*.yaml"):
+        load_config(path)
+    assert load_config(configs / "random_walk_staircase.yaml").to_dict() == load_config().to_dict()
