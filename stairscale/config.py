@@ -100,6 +100,8 @@ class TaskConfig:
     train_docs: int = 50000  # random walk: training documents per curriculum length
     train_length_spread: float = 0.5  # random walk: training lengths uniform in [L*(1-spread), L]
     piece_len: int = 1 << 20  # text: longer documents are cut into pieces of this many bytes
+    tokenizer: str = "bytes"  # text: bytes | bpe (trained on the train split with `tokenizers`)
+    bpe_vocab: int = 4096  # text with tokenizer bpe: vocabulary size, special tokens included
     seed: int = 0
 
     @property
@@ -115,6 +117,12 @@ class TaskConfig:
             raise ConfigError("task.train_length_steps: must start at 0 and increase")
         if min(self.train_lengths) < 2 or self.eval_length < 2:
             raise ConfigError("task.train_lengths: documents need at least 2 tokens (start token + one move)")
+        if self.tokenizer not in ("bytes", "bpe"):
+            raise ConfigError(f"task.tokenizer: {self.tokenizer!r} is not bytes or bpe")
+        if self.tokenizer == "bpe" and self.name != "text":
+            raise ConfigError("task.tokenizer: bpe is for the text task only")
+        if self.bpe_vocab < 300:
+            raise ConfigError(f"task.bpe_vocab: {self.bpe_vocab} is too small (the byte alphabet alone is 256)")
         if not 0.0 <= self.train_length_spread < 1.0:
             raise ConfigError("task.train_length_spread: must be in [0, 1)")
         for key in ("eval_docs", "train_docs", "piece_len"):

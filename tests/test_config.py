@@ -39,6 +39,8 @@ def test_overrides_are_typed():
         (["train.grad_accum=3"], "train.grad_accum"),
         (["train.lr_schedule=linear"], "train.lr_schedule"),
         (["task.name=chess"], "task.name"),
+        (["task.tokenizer=bpe"], "task.tokenizer"),  # the random walk has its own vocabulary
+        (["task.name=text", "task.tokenizer=wordpiece"], "task.tokenizer"),
         (["task.train_length_steps=[0,5]"], "task.train_length_steps"),  # two starts, one length
     ],
 )

@@ -59,6 +59,7 @@ def test_text_task_reports_bits_per_byte(tmp_path, tiny):
     cfg = tiny(tmp_path, "train.steps=4", "task.name=text", f"task.path={corpus}")
     results = Trainer(cfg, quiet=True).train()
     assert 0 < results["test"]["bpb"] < 10 and "error" not in results["test"]
+    assert results["test"]["perplexity"] == pytest.approx(2 ** results["test"]["bpb"])
 
 
 def test_loss_decreases_on_the_random_walk(tmp_path, tiny):
@@ -113,3 +114,24 @@ def test_learning_rate_warms_up_decays_and_restarts_per_stage():
     for start in (0, 1000, 2000):  # every stage warms up again and decays to the floor
         assert lr[start] == pytest.approx(0.002 / 200) and lr[start + 199] == pytest.approx(0.002)
         assert lr[start + 999] == pytest.approx(0.0001, rel=0.01)
+
+
+def test_text_with_a_trained_bpe_tokenizer(tmp_path, tiny):
+    from tokenizers import Tokenizer
+
+    from stairscale.data.shards import Dataset
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = {f"f{i}.txt": f"def function_{i}(x):\n    return x * {i} + len('the quick brown fox')\n" * (i % 4 + 2) for i in range(60)}
+    for name, text in texts.items():
+        (corpus / name).write_text(text)
+    cfg = tiny(tmp_path, "train.steps=4", "task.name=text", f"task.path={corpus}", "task.tokenizer=bpe", "task.bpe_vocab=400")
+    trainer = Trainer(cfg, quiet=True)
+    results = trainer.train()
+    assert results["test"]["perplexity"] > 1 and "bpb" not in results["test"]
+    dataset = Dataset(trainer.data_root)
+    assert 258 < len(dataset.vocab) <= 400 and dataset.vocab.tokens[:2] == ("<pad>", "<bos>")  # merges may run out
+    tokenizer = Tokenizer.from_file(str(trainer.data_root / "tokenizer.json"))
+    decoded = sorted(tokenizer.decode(doc.tokens[1:].tolist()) for split in ("train", "valid", "test") for doc in dataset.documents(split))
+    assert decoded == sorted(texts.values())  # lossless: every file comes back exactly

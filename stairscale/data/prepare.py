@@ -18,7 +18,7 @@ import numpy as np
 
 from stairscale.config import RunConfig, TaskConfig
 from stairscale.data.shards import MANIFEST, write_dataset
-from stairscale.data.tasks import AlgorithmicTask, Document, RandomWalkTask, TextTask
+from stairscale.data.tasks import AlgorithmicTask, Document, RandomWalkTask, TextTask, Vocab
 
 # Task config keys that do not change the documents.
 _NOT_CONTENT = ("train_length_steps",)
@@ -73,7 +73,32 @@ def prepare_dataset(cfg: TaskConfig, out_dir: str | Path, shard_docs: int = 0) -
     """Write the task's splits as shards under out_dir (about 64 shards per split by default)."""
     task = build_task(cfg)
     splits = {name: list(docs) for name, docs in task_splits(cfg).items()}
-    return write_dataset(out_dir, task.vocab, not isinstance(task, TextTask), splits, shard_docs, dataclasses.asdict(cfg))
+    vocab, files = task.vocab, {}
+    if cfg.tokenizer == "bpe":
+        vocab, splits, files["tokenizer.json"] = bpe_encode(splits, cfg.bpe_vocab)
+    return write_dataset(out_dir, vocab, not isinstance(task, TextTask), splits, shard_docs, dataclasses.asdict(cfg), files)
+
+
+def _text(doc: Document) -> str:
+    return doc.tokens[1:].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+def bpe_encode(splits: dict[str, list[Document]], vocab_size: int) -> tuple[Vocab, dict[str, list[Document]], bytes]:
+    """Train a byte-level BPE on the train split (`tokenizers`) and encode every split with it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator((_text(doc) for doc in splits["train"]), trainer=trainer)
+    vocab = Vocab(tuple(sorted(tokenizer.get_vocab(), key=tokenizer.token_to_id)), tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("<bos>"))
+    encoded = {
+        name: [Document(np.array([vocab.bos_id] + tokenizer.encode(_text(doc)).ids, dtype=np.int64)) for doc in docs]
+        for name, docs in splits.items()
+    }
+    return vocab, encoded, tokenizer.to_str().encode()
 
 
 def content_hash(cfg: TaskConfig) -> str:

@@ -34,10 +34,11 @@ class DataError(RuntimeError):
 
 
 def write_dataset(
-    out_dir: str | Path, vocab: Vocab, labelled: bool, splits: dict[str, list[Document]], shard_docs: int, source: dict
+    out_dir: str | Path, vocab: Vocab, labelled: bool, splits: dict[str, list[Document]], shard_docs: int, source: dict,
+    files: dict[str, bytes] | None = None,
 ) -> dict:
     """Write every split as shards of at most `shard_docs` documents (0: about 64 shards per
-    split), then the manifest."""
+    split), any extra `files` (such as tokenizer.json), then the manifest."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -70,6 +71,8 @@ def write_dataset(
             "tokens": sum(s["tokens"] for s in shards),
             "shards": shards,
         }
+    for name, content in (files or {}).items():
+        (tmp / name).write_bytes(content)
     (tmp / MANIFEST).write_text(json.dumps(manifest))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -145,6 +148,7 @@ class Dataset:
         v = self.manifest["vocab"]
         self.vocab = Vocab(tuple(v["tokens"]), v["pad_id"], v["bos_id"])
         self.labelled = self.manifest["labelled"]
+        self.byte_level = self.manifest["source"].get("tokenizer", "bytes") == "bytes"
         self.token_dtype = np.dtype(self.manifest["token_dtype"])
         self.label_dtype = np.dtype(self.manifest["label_dtype"])
         self.on_bad_sample = on_bad_sample

@@ -14,13 +14,18 @@ from stairscale.data.tasks import IGNORE
 class Tally:
     """Sums of loss and errors over supervised positions, also by position in the document."""
 
-    def __init__(self, labelled: bool):
+    def __init__(self, labelled: bool, byte_level: bool = True):
         self.labelled = labelled
+        self.byte_level = byte_level  # language modelling: one target is one byte (bits per byte)
         self.nll = 0.0
         self.count = 0
         self.errors = 0
         self.errors_at = np.zeros(0, dtype=np.int64)  # by position in the document (labelled tasks)
         self.count_at = np.zeros(0, dtype=np.int64)
+
+    @classmethod
+    def for_dataset(cls, dataset) -> Tally:
+        return cls(dataset.labelled, dataset.byte_level)
 
     def add(self, logprobs: Tensor, targets: Tensor, doc_pos: Tensor) -> None:
         supervised = targets != IGNORE
@@ -50,7 +55,9 @@ class Tally:
         if self.labelled:
             out["error"] = 100.0 * self.errors / max(self.count, 1)
         else:
-            out["bpb"] = loss / math.log(2)
+            out["perplexity"] = math.exp(loss)
+            if self.byte_level:
+                out["bpb"] = loss / math.log(2)
         return out
 
     def error_by_position(self, bucket: int) -> list[tuple[int, float]]:
@@ -61,7 +68,9 @@ class Tally:
 def headline(summary: dict[str, float]) -> str:
     if "error" in summary:
         return f"error {summary['error']:.2f}%"
-    return f"bpb {summary['bpb']:.4f}"
+    if "bpb" in summary:
+        return f"bpb {summary['bpb']:.4f}"
+    return f"perplexity {summary['perplexity']:.2f}"
 
 
 def supervised_nll(logprobs: Tensor, targets: Tensor) -> Tensor:

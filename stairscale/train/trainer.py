@@ -71,7 +71,7 @@ def evaluate(model: StaircaseLM, cfg: RunConfig, loader: LaneLoader, device: tor
     """Score a whole split once, every lane read with carried state from a fresh start."""
     was_training = model.training
     model.eval()
-    tally = Tally(loader.dataset.labelled)
+    tally = Tally.for_dataset(loader.dataset)
     state = model.initial_state(len(loader.local_lanes), device)
     for batch in loader:
         batch = batch.to(device)
@@ -85,13 +85,13 @@ def evaluate(model: StaircaseLM, cfg: RunConfig, loader: LaneLoader, device: tor
 class Progress:
     """Counters for the console and TensorBoard: a window of recent steps, and the whole run."""
 
-    def __init__(self, labelled: bool, steps: int):
-        self.labelled, self.steps = labelled, steps
+    def __init__(self, dataset: Dataset, steps: int):
+        self.dataset, self.steps = dataset, steps
         self.started = time.perf_counter()
         self.restart_window()
 
     def restart_window(self) -> None:
-        self.window = Tally(self.labelled)
+        self.window = Tally.for_dataset(self.dataset)
         self.window_start = time.perf_counter()
         self.tokens = 0
 
@@ -125,7 +125,7 @@ class Trainer:
         t = self.cfg.train
         self.model.train()
         self.log(self._describe())
-        progress = Progress(self.labelled, t.steps)
+        progress = Progress(self.dataset, t.steps)
         for step, batch, states in self._batches():
             lr = learning_rate(self.cfg, step)
             grad_norm = self._train_step(batch, states, lr, progress.window)
