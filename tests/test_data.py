@@ -16,7 +16,7 @@ import webdataset as wds
 from stairscale.config import TaskConfig
 from stairscale.data.loader import LaneLoader, LoaderSpec
 from stairscale.data.prepare import prepare_dataset
-from stairscale.data.shards import MANIFEST, DataError, Dataset
+from stairscale.data.shards import MANIFEST, DataError, Dataset, Shard
 
 LANES, SEGMENT, CHUNK = 4, 16, 4
 SCRIPT = Path(__file__).parent / "scripts" / "loader_ranks.py"
@@ -68,6 +68,19 @@ def test_shards_are_webdataset_tars_and_our_reader_agrees(dataset):
             theirs.append(np.frombuffer(sample["tokens"], dtype=np.uint16).tolist())
             assert json.loads(sample["json"])["length"] == len(theirs[-1])
     assert ours == theirs and len(ours) > 50
+
+
+def test_fast_shard_reading_equals_sample_by_sample_reading(dataset, tmp_path):
+    data = Dataset(dataset)
+    for shard in data.shards("train")[:5]:
+        raw = shard.path.read_bytes()
+        fast, each = data._read_fast(shard, raw), data._read_each(shard, raw)
+        assert fast is not None  # a freshly written shard takes the one-pass path
+        for name in ("tokens", "lengths", "ids"):
+            assert np.array_equal(getattr(fast, name), getattr(each, name))
+    shard = data.shards("train")[0]
+    shifted = Shard(**{**shard.__dict__, "tokens_at": [o + 512 for o in shard.tokens_at]})
+    assert data._read_fast(shifted, shard.path.read_bytes()) is None  # offsets that do not match the tar
 
 
 def test_one_epoch_reads_every_document_exactly_once(dataset):
