@@ -22,8 +22,8 @@ def packed(docs, segment_len, chunk, steps):
     half = max(1, len(docs) // 2)
     blocks = [block(docs[:half], 0, chunk)] + ([block(docs[half:], half, chunk)] if docs[half:] else [])
     stream = LaneStream(iter(blocks), PAD)
-    parts = [stream.take(segment_len) for _ in range(steps)]
-    return [np.concatenate(column) for column in zip(*parts)]  # tokens, targets, doc_start, doc_pos, doc_id
+    tokens, targets, starts, pos, ids = np.concatenate([stream.take(segment_len) for _ in range(steps)], axis=1)
+    return tokens, targets, starts.astype(bool), pos, ids
 
 
 def test_documents_start_at_chunk_boundaries_with_reset_flags():

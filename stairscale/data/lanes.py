@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from stairscale.data.tasks import IGNORE
+
+
+FIELDS = ("tokens", "targets", "doc_start", "doc_pos", "doc_id")  # the rows of a packed array
 
 
 @dataclass
@@ -24,8 +28,15 @@ class Batch:
     doc_pos: Tensor  # [B, M] position of each token in its document, -1 for padding
     doc_id: Tensor  # [B, M] index of each token's document in its split, -1 for padding
 
+    @classmethod
+    def from_packed(cls, lanes: np.ndarray) -> Batch:
+        """From packed segments of B lanes, [B, len(FIELDS), M]."""
+        column = {name: torch.from_numpy(np.ascontiguousarray(lanes[:, i])) for i, name in enumerate(FIELDS)}
+        column["doc_start"] = column["doc_start"].bool()
+        return cls(**column)
+
     def fields(self) -> tuple[Tensor, ...]:
-        return (self.tokens, self.targets, self.doc_start, self.doc_pos, self.doc_id)
+        return tuple(getattr(self, name) for name in FIELDS)
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in self.fields()))
@@ -34,39 +45,19 @@ class Batch:
         return Batch(*(t[index] for t in self.fields()))
 
 
-@dataclass
-class Packed:
-    """Documents laid out as a lane reads them: each starts at a chunk boundary, tails padded."""
-
-    tokens: np.ndarray
-    targets: np.ndarray
-    doc_start: np.ndarray
-    doc_pos: np.ndarray
-    doc_id: np.ndarray
-
-    def columns(self) -> tuple[np.ndarray, ...]:
-        return (self.tokens, self.targets, self.doc_start, self.doc_pos, self.doc_id)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def slice(self, start: int, stop: int) -> tuple[np.ndarray, ...]:
-        return tuple(column[start:stop] for column in self.columns())
+def padding(length: int, pad_id: int) -> np.ndarray:
+    """`length` positions of padding, one row per field of FIELDS."""
+    out = np.empty((len(FIELDS), length), dtype=np.int64)
+    out[:] = np.array([pad_id, IGNORE, 0, -1, -1])[:, None]
+    return out
 
 
-def padding(length: int, pad_id: int) -> Packed:
-    return Packed(
-        tokens=np.full(length, pad_id, dtype=np.int64),
-        targets=np.full(length, IGNORE, dtype=np.int64),
-        doc_start=np.zeros(length, dtype=bool),
-        doc_pos=np.full(length, -1, dtype=np.int64),
-        doc_id=np.full(length, -1, dtype=np.int64),
-    )
+def pack(tokens: np.ndarray, labels: np.ndarray | None, lengths: np.ndarray, ids: np.ndarray, chunk: int, pad_id: int) -> np.ndarray:
+    """Lay out documents as a lane reads them: each starts at a chunk boundary, tails padded.
 
-
-def pack(tokens: np.ndarray, labels: np.ndarray | None, lengths: np.ndarray, ids: np.ndarray, chunk: int, pad_id: int) -> Packed:
-    """Lay out documents given as one flat token array (and flat aligned labels, or None for
-    next-token targets) with their lengths and ids. Vectorised: no Python loop per document."""
+    Documents come as one flat token array (and flat aligned labels, or None for next-token
+    targets) with their lengths and ids; the result has one row per field of FIELDS.
+    Vectorised: no Python loop per document."""
     lengths = np.asarray(lengths, dtype=np.int64)
     padded = -(-lengths // chunk) * chunk
     source_start = np.cumsum(lengths) - lengths
@@ -81,34 +72,33 @@ def pack(tokens: np.ndarray, labels: np.ndarray | None, lengths: np.ndarray, ids
     else:
         flat_targets = labels
     out = padding(int(padded.sum()), pad_id)
-    out.tokens[dest] = tokens
-    out.targets[dest] = flat_targets
-    out.doc_start[packed_start] = True
-    out.doc_pos[dest] = within
-    out.doc_id[dest] = np.asarray(ids, dtype=np.int64)[doc_of_token]
+    out[0, dest] = tokens
+    out[1, dest] = flat_targets
+    out[2, packed_start] = 1
+    out[3, dest] = within
+    out[4, dest] = np.asarray(ids, dtype=np.int64)[doc_of_token]
     return out
 
 
 class LaneStream:
     """One lane: consecutive segments cut from a sequence of packed blocks, padding at the end."""
 
-    def __init__(self, blocks: Iterator[Packed], pad_id: int):
+    def __init__(self, blocks: Iterator[np.ndarray], pad_id: int):
         self.blocks = blocks
         self.pad_id = pad_id
-        self.block: Packed | None = None
+        self.block: np.ndarray | None = None
         self.cursor = 0
 
-    def take(self, length: int) -> tuple[np.ndarray, ...]:
+    def take(self, length: int) -> np.ndarray:
+        """The next `length` positions, [len(FIELDS), length]."""
         parts = []
         while length:
-            if self.block is None or self.cursor == len(self.block):
+            if self.block is None or self.cursor == self.block.shape[1]:
                 self.block, self.cursor = next(self.blocks, None), 0
                 if self.block is None:  # documents used up: padding from here on
                     self.blocks, self.block = iter(()), padding(length, self.pad_id)
-            count = min(length, len(self.block) - self.cursor)
-            parts.append(self.block.slice(self.cursor, self.cursor + count))
+            count = min(length, self.block.shape[1] - self.cursor)
+            parts.append(self.block[:, self.cursor : self.cursor + count])
             self.cursor += count
             length -= count
-        if len(parts) == 1:
-            return parts[0]
-        return tuple(np.concatenate(column) for column in zip(*parts))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stairscale.data.lanes import Batch, LaneStream, Packed, pack
+from stairscale.data.lanes import FIELDS, Batch, LaneStream, pack
 from stairscale.data.shards import DataError, Dataset, Shard
 
 
@@ -73,13 +72,13 @@ def lane_position(spec: LoaderSpec, lane_shards: list[Shard], step: int) -> tupl
     return len(lane_shards), 0, 0  # past the lane's last document: padding only
 
 
-def _lane_blocks(spec: LoaderSpec, dataset: Dataset, lane_shards: list[Shard], first: int) -> Iterator[Packed]:
+def _lane_blocks(spec: LoaderSpec, dataset: Dataset, lane_shards: list[Shard], first: int) -> Iterator[np.ndarray]:
     for shard in lane_shards[first:]:
         docs = dataset.read_shard(shard)
         yield pack(docs.tokens, docs.labels, docs.lengths, docs.ids, spec.chunk, dataset.vocab.pad_id)
 
 
-def epoch_segments(spec: LoaderSpec, dataset: Dataset, plan: EpochPlan, lanes: list[int], start_step: int) -> Iterator[tuple[np.ndarray, ...]]:
+def epoch_segments(spec: LoaderSpec, dataset: Dataset, plan: EpochPlan, lanes: list[int], start_step: int) -> Iterator[np.ndarray]:
     """Segments of the given global lanes for steps start_step .. plan.steps-1 of one epoch."""
     streams = []
     for lane in lanes:
@@ -92,11 +91,8 @@ def epoch_segments(spec: LoaderSpec, dataset: Dataset, plan: EpochPlan, lanes: l
                 stream.take(skip)
         streams.append(stream)
     for _ in range(start_step, plan.steps):
-        parts = [stream.take(spec.segment_len) for stream in streams]
-        if parts:
-            yield tuple(np.stack(column) for column in zip(*parts))
-        else:  # a worker with no lanes still answers every step
-            yield tuple(np.zeros((0, spec.segment_len), dtype=dtype) for dtype in (np.int64, np.int64, bool, np.int64, np.int64))
+        # [lanes, fields, M]; a worker with no lanes still answers every step
+        yield np.stack([stream.take(spec.segment_len) for stream in streams]) if streams else np.zeros((0, len(FIELDS), spec.segment_len), dtype=np.int64)
 
 
 class _LaneData(IterableDataset):
@@ -115,7 +111,7 @@ class _LaneData(IterableDataset):
         while True:
             plan = plan_epoch(self.spec, shards, epoch)
             for segment in epoch_segments(self.spec, dataset, plan, mine, step):
-                yield segment + (dataset.skipped,)
+                yield segment, dataset.skipped
             if not self.spec.shuffle:
                 return
             epoch, step = epoch + 1, 0
@@ -165,12 +161,11 @@ class LaneLoader:
                 parts = [next(items) for _ in range(groups)]  # workers answer in turn, in lane order
             except StopIteration:
                 return
-            columns = [np.concatenate([p[i] for p in parts]) for i in range(5)]
-            self.skipped = sum(p[5] for p in parts)
+            self.skipped = sum(skipped for _, skipped in parts)
             self.step += 1
             if self.step == self.steps_per_epoch():
                 self.epoch, self.step = self.epoch + 1, 0
-            yield Batch(*(torch.from_numpy(c) for c in columns))
+            yield Batch.from_packed(np.concatenate([segment for segment, _ in parts]))
 
     def state_dict(self) -> dict:
         """The global position: what the next batch will be, for any data-parallel layout."""
