@@ -110,8 +110,7 @@ class _LaneData(IterableDataset):
         epoch, step = self.epoch, self.step
         while True:
             plan = plan_epoch(self.spec, shards, epoch)
-            for segment in epoch_segments(self.spec, dataset, plan, mine, step):
-                yield segment, dataset.skipped
+            yield from epoch_segments(self.spec, dataset, plan, mine, step)
             if not self.spec.shuffle:
                 return
             epoch, step = epoch + 1, 0
@@ -133,12 +132,7 @@ class LaneLoader:
         if not self.shards:
             raise DataError(f"dataset {spec.root}: split {spec.split} has no documents")
         self.epoch, self.step = 0, 0
-        self.skipped = 0
         self._plans: dict[int, EpochPlan] = {}
-
-    @property
-    def vocab(self):
-        return self.dataset.vocab
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
@@ -161,11 +155,10 @@ class LaneLoader:
                 parts = [next(items) for _ in range(groups)]  # workers answer in turn, in lane order
             except StopIteration:
                 return
-            self.skipped = sum(skipped for _, skipped in parts)
             self.step += 1
             if self.step == self.steps_per_epoch():
                 self.epoch, self.step = self.epoch + 1, 0
-            yield Batch.from_packed(np.concatenate([segment for segment, _ in parts]))
+            yield Batch.from_packed(np.concatenate(parts))
 
     def state_dict(self) -> dict:
         """The global position: what the next batch will be, for any data-parallel layout."""
