@@ -10,8 +10,8 @@ import torch
 from stairscale.config import RunConfig
 from stairscale.data.prepare import dataset_dir, train_split
 from stairscale.data.shards import Dataset
-from stairscale.train.metrics import supervised_nll
-from stairscale.train.trainer import autocast, build_model, make_loader, resolve_device
+from stairscale.model.lm import StaircaseLM
+from stairscale.train.trainer import autocast, make_loader, resolve_device
 
 
 def _rate(batches, seconds: float, work=lambda batch: None) -> float:
@@ -29,7 +29,8 @@ def train_rate(cfg: RunConfig, seconds: float, root=None) -> float:
     """Tokens/s of the config's train step (forward, backward, AdamW), fed by the real loader."""
     root = root or dataset_dir(cfg)
     device = resolve_device(cfg)
-    model = build_model(cfg, Dataset(root)).to(device)
+    vocab = Dataset(root).vocab
+    model = StaircaseLM(cfg.model, len(vocab), vocab.pad_id).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     state = model.initial_state(cfg.train.lanes, device)
 
@@ -37,8 +38,8 @@ def train_rate(cfg: RunConfig, seconds: float, root=None) -> float:
         nonlocal state
         batch = batch.to(device)
         with autocast(cfg, device):
-            logprobs, state = model(batch.tokens, batch.doc_start, state)
-        supervised_nll(logprobs, batch.targets).backward()
+            scores, state = model(batch.tokens, batch.doc_start, batch.targets, state)
+        scores.nll.sum().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":

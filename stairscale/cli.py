@@ -77,12 +77,14 @@ def score_run(run_dir: str, split: str, overrides: list[str] = ()):
     """Load a run's config and checkpoint and score `split` with carried state from a fresh start."""
     from stairscale.data.prepare import dataset_dir
     from stairscale.data.shards import Dataset
+    from stairscale.model.lm import StaircaseLM
     from stairscale.train.checkpoint import load_checkpoint
-    from stairscale.train.trainer import build_model, evaluate, make_loader, resolve_device
+    from stairscale.train.trainer import evaluate, make_loader, resolve_device
 
     cfg = load_config(Path(run_dir) / "config.yaml", overrides)
     root = dataset_dir(cfg)
-    model = build_model(cfg, Dataset(root))
+    vocab = Dataset(root).vocab
+    model = StaircaseLM(cfg.model, len(vocab), vocab.pad_id)  # checkpoints hold single-device weights
     model.load_state_dict(load_checkpoint(run_dir)["model"])
     device = resolve_device(cfg)
     return evaluate(model.to(device), cfg, make_loader(cfg, root, split, training=False), device)

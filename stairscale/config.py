@@ -190,11 +190,43 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the processes of a launch share the work. The data-parallel size is what is left:
+    world size / (tensor * pipeline). Micro-batches are train.grad_accum lane groups per rank.
+    The optimizer runs in a DeepSpeed engine when there is more than one process or zero_stage > 0,
+    and in plain PyTorch otherwise."""
+
+    tensor: int = 1  # TP: heads, feed-forward and vocabulary split over this many ranks
+    pipeline: int = 1  # PP: core layers split over this many stages
+    zero_stage: int = 0  # DeepSpeed ZeRO stage over the data-parallel group (0-3)
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+
+    def validate(self, model: ModelConfig) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"parallel.{key}: {why}")
+
+        need(self.tensor >= 1 and self.pipeline >= 1, "tensor" if self.tensor < 1 else "pipeline", "must be >= 1")
+        need(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")
+        need(self.backend in ("auto", "gloo", "nccl"), "backend", f"{self.backend!r} is not auto, gloo or nccl")
+        need(model.n_heads % self.tensor == 0, "tensor", f"{self.tensor} does not divide model.n_heads={model.n_heads}")
+        need(model.d_ff % self.tensor == 0, "tensor", f"{self.tensor} does not divide model.d_ff={model.d_ff}")
+        need(self.pipeline <= model.n_layers, "pipeline", f"{self.pipeline} stages for model.n_layers={model.n_layers} layers")
+        need(
+            self.pipeline == 1 or self.zero_stage <= 1,
+            "zero_stage",
+            f"ZeRO-{self.zero_stage} reduces gradients inside each backward pass, but the pipeline runs one backward per "
+            "core call and stage; use zero_stage 0 or 1 with pipeline > 1",
+        )
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run_dir: str = "runs/default"
 
     def validate(self) -> RunConfig:
@@ -202,6 +234,7 @@ class RunConfig:
         self.data.validate()
         self.train.validate()
         self.model.validate(self.train.segment_len)
+        self.parallel.validate(self.model)
         if self.train.stage_lr and len(self.train.stage_lr) != self.task.stages:
             raise ConfigError(f"train.stage_lr: {len(self.train.stage_lr)} values for {self.task.stages} curriculum stages")
         return self

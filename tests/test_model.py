@@ -38,7 +38,7 @@ def run_segments(model, tokens, starts, lengths):
     state = model.initial_state(tokens.shape[0])
     outputs, begin = [], 0
     for length in lengths:
-        out, state = model(tokens[:, begin : begin + length], starts[:, begin : begin + length], state)
+        out, state = model.logprobs(tokens[:, begin : begin + length], starts[:, begin : begin + length], state)
         outputs.append(out)
         begin += length
     assert begin == tokens.shape[1]
@@ -88,7 +88,7 @@ def reference_staircase(model, tokens):
             top[j] = out[:, i * F : (i + 1) * F]
             if k - j == n - 1:
                 finals[j] = top[j]
-    return torch.log_softmax(model.head(model.head_norm(torch.cat(finals, dim=1))), dim=-1)
+    return model.head.logprobs(torch.cat(finals, dim=1))
 
 
 @pytest.mark.parametrize("window", [1, 2, 3])
@@ -103,9 +103,9 @@ def test_every_token_gets_one_loss_term_from_its_final_pass():
     model = make_model(schedule="staircase", chunk=4, window=3, attn_lim=12)
     tokens, starts = stream(lanes=2, length=16)
     head_rows = []
-    model.head.register_forward_hook(lambda module, args, out: head_rows.append(out.shape[:2]))
+    model.head.proj.register_forward_hook(lambda module, args, out: head_rows.append(out.shape[:2]))
     model.core.calls = 0
-    logprobs, _ = model(tokens, starts, model.initial_state(2))
+    logprobs, _ = model.logprobs(tokens, starts, model.initial_state(2))
     assert head_rows == [torch.Size([2, 16])]  # the head sees each token once
     assert model.core.calls == 16 // 4 + 3 - 1  # M/F + n - 1 sequential core calls
     # The row given to the head is the n-th pass: it matches the definition only at pass n.
@@ -125,7 +125,7 @@ def test_causality():
             return out
 
         hook = model.embed.register_forward_hook(capture)
-        logprobs, _ = model(tokens, starts, model.initial_state(1))
+        logprobs, _ = model.logprobs(tokens, starts, model.initial_state(1))
         hook.remove()
         for t in range(16):
             (grad,) = torch.autograd.grad(logprobs[0, t].max(), captured[0], retain_graph=True)
@@ -150,12 +150,12 @@ def test_document_equals_fresh_model(name):
 def test_reset_forgets_carried_rows():
     model = make_model(**STATEFUL["staircase_n2"])
     tokens, starts = stream(lanes=2, length=16)
-    _, state = model(tokens, starts, model.initial_state(2))
-    fresh, _ = model(tokens, starts, model.initial_state(2))
+    _, state = model.logprobs(tokens, starts, model.initial_state(2))
+    fresh, _ = model.logprobs(tokens, starts, model.initial_state(2))
     reset = state.reset(torch.tensor([True, False]))
     no_starts = torch.zeros_like(starts)
-    out, _ = model(tokens, no_starts, reset)
-    carried, _ = model(tokens, no_starts, state)
+    out, _ = model.logprobs(tokens, no_starts, reset)
+    carried, _ = model.logprobs(tokens, no_starts, state)
     assert (out[0] - fresh[0]).abs().max() < TOL
     assert (out[1] - carried[1]).abs().max() < TOL
     assert (carried[0] - fresh[0]).abs().max() > 1e-3
@@ -190,11 +190,11 @@ def test_ladder_r1_is_the_transformer(memory):
 def test_state_dict_round_trip():
     model = make_model(**STATEFUL["cached"])
     tokens, starts = stream(length=16)
-    _, state = model(tokens, starts, model.initial_state(3))
+    _, state = model.logprobs(tokens, starts, model.initial_state(3))
     restored = RecurrentState.initial(3)
     restored.load_state_dict({k: v.clone() for k, v in state.state_dict().items()})
-    a, _ = model(tokens, starts * False, state)
-    b, _ = model(tokens, starts * False, restored)
+    a, _ = model.logprobs(tokens, starts * False, state)
+    b, _ = model.logprobs(tokens, starts * False, restored)
     assert torch.equal(a, b)
     assert set(state.rows) == {"step0", "cache"}
 
@@ -206,7 +206,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         tokens, starts = stream(length=16)
         state = model.initial_state(3)
         for segment in (slice(0, 8), slice(8, 16)):
-            logprobs, state = model(tokens[:, segment], starts[:, segment], state)
+            logprobs, state = model.logprobs(tokens[:, segment], starts[:, segment], state)
             logprobs.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert (grads[0] - grads[1]).abs().max() < 1e-10

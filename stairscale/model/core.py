@@ -16,18 +16,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from stairscale.config import ModelConfig
+from stairscale.model.provider import LayerProvider
 from stairscale.model.state import HIDDEN, Rows
-
-
-class LinearProvider:
-    """Makes the core's linear layers; a tensor-parallel provider swaps in sharded ones.
-
-    `split` says how a parallel backend would shard the layer: "column" (output features) or
-    "row" (input features). The plain provider ignores it.
-    """
-
-    def linear(self, in_features: int, out_features: int, bias: bool, split: str) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=bias)
 
 
 @dataclass
@@ -80,7 +70,7 @@ def _rotate(x: Tensor, cos_sin: tuple[Tensor, Tensor]) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, linears: LinearProvider):
+    def __init__(self, cfg: ModelConfig, linears: LayerProvider):
         super().__init__()
         d = cfg.d_model
         self.head_dim = d // cfg.n_heads
@@ -112,7 +102,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig, linears: LinearProvider):
+    def __init__(self, cfg: ModelConfig, linears: LayerProvider):
         super().__init__()
         self.fc1 = linears.linear(cfg.d_model, cfg.d_ff, bias=True, split="column")
         self.fc2 = linears.linear(cfg.d_ff, cfg.d_model, bias=True, split="row")
@@ -125,7 +115,7 @@ class FeedForward(nn.Module):
 class CoreLayer(nn.Module):
     """Pre-norm layer; one LN1 normalises both the queries and their key/value context."""
 
-    def __init__(self, cfg: ModelConfig, linears: LinearProvider):
+    def __init__(self, cfg: ModelConfig, linears: LayerProvider):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.attn = Attention(cfg, linears)
@@ -140,13 +130,18 @@ class CoreLayer(nn.Module):
 
 
 class Core(nn.Module):
-    def __init__(self, cfg: ModelConfig, linears: LinearProvider):
+    """The core's layers, keyed by their global index: a pipeline stage holds a range of them
+    (`layers`) under the same names as the single-device model."""
+
+    def __init__(self, cfg: ModelConfig, linears: LayerProvider, layers: range | None = None):
         super().__init__()
         self.cfg = cfg
-        self.layers = nn.ModuleList(CoreLayer(cfg, linears) for _ in range(cfg.n_layers))
+        layers = range(cfg.n_layers) if layers is None else layers
+        self.layers = nn.ModuleDict({str(i): CoreLayer(cfg, linears) for i in layers})
         head_dim = cfg.d_model // cfg.n_heads
         # One table of shape head_dim x attn_lim shared by all heads, layers and steps.
         self.relative = nn.Parameter(torch.randn(head_dim, cfg.attn_lim) * head_dim**-0.5) if cfg.positions == "relative" else None
+        self.read_by_every_head = linears.read_by_every_head
         self.calls = 0  # core calls made, for the cost accounting and tests
 
     def forward(self, x: Tensor, pos: Tensor, doc: Tensor, context: Rows | None = None) -> tuple[Tensor, Tensor]:
@@ -164,9 +159,10 @@ class Core(nn.Module):
         k_pos = pos if context is None else torch.cat([context.pos, pos])
         k_doc = doc if context is None else torch.cat([context.doc, doc], dim=1)
         geometry = attention_geometry(self.cfg, pos, doc, k_pos, k_doc)
+        relative = None if self.relative is None else self.read_by_every_head(self.relative)
         inputs = []
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.layers.values()):
             inputs.append(x)
             layer_context = None if context is None else context.h[min(index, context.h.shape[0] - 1)]
-            x = layer(x, layer_context, geometry, self.relative)
+            x = layer(x, layer_context, geometry, relative)
         return x, torch.stack(inputs)

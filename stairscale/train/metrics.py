@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from stairscale.data.tasks import IGNORE
+from stairscale.model.provider import Scores
 
 
 class Tally:
@@ -27,22 +27,31 @@ class Tally:
     def for_dataset(cls, dataset) -> Tally:
         return cls(dataset.labelled, dataset.byte_level)
 
-    def add(self, logprobs: Tensor, targets: Tensor, doc_pos: Tensor) -> None:
+    def add(self, scores: Scores, targets: Tensor, doc_pos: Tensor) -> None:
         supervised = targets != IGNORE
-        picked = logprobs[supervised]
-        wanted = targets[supervised]
-        self.nll += -picked.gather(1, wanted[:, None]).sum().item()
+        self.nll += float(scores.nll.sum())
         self.count += int(supervised.sum())
         if self.labelled:
-            wrong = (picked.argmax(-1) != wanted).cpu().numpy()
+            wrong = (scores.predicted[supervised] != targets[supervised]).cpu().numpy()
             positions = doc_pos[supervised].cpu().numpy()
             self.errors += int(wrong.sum())
             size = int(positions.max()) + 1 if len(positions) else 0
-            if size > len(self.count_at):
-                self.errors_at = np.pad(self.errors_at, (0, size - len(self.errors_at)))
-                self.count_at = np.pad(self.count_at, (0, size - len(self.count_at)))
+            self._grow(size)
             np.add.at(self.errors_at, positions, wrong)
             np.add.at(self.count_at, positions, 1)
+
+    def _grow(self, size: int) -> None:
+        if size > len(self.count_at):
+            self.errors_at = np.pad(self.errors_at, (0, size - len(self.errors_at)))
+            self.count_at = np.pad(self.count_at, (0, size - len(self.count_at)))
+
+    def merge(self, other: Tally) -> None:
+        self.nll += other.nll
+        self.count += other.count
+        self.errors += other.errors
+        self._grow(len(other.count_at))
+        self.errors_at[: len(other.errors_at)] += other.errors_at
+        self.count_at[: len(other.count_at)] += other.count_at
 
     def error_from(self, start: int, stop: int | None = None) -> float:
         """Error % over supervised positions start <= position < stop of each document."""
@@ -71,8 +80,3 @@ def headline(summary: dict[str, float]) -> str:
     if "bpb" in summary:
         return f"bpb {summary['bpb']:.4f}"
     return f"perplexity {summary['perplexity']:.2f}"
-
-
-def supervised_nll(logprobs: Tensor, targets: Tensor) -> Tensor:
-    """Summed negative log-likelihood over supervised positions."""
-    return torch.nn.functional.nll_loss(logprobs.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")

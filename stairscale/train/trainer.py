@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -18,9 +19,15 @@ from stairscale.data.lanes import Batch
 from stairscale.data.loader import LaneLoader, LoaderSpec
 from stairscale.data.prepare import dataset_dir, train_split
 from stairscale.data.shards import Dataset
+from stairscale.data.tasks import IGNORE
 from stairscale.model.lm import StaircaseLM
+from stairscale.model.provider import Scores
+from stairscale.parallel import collectives
+from stairscale.parallel.groups import Layout, init_distributed
+from stairscale.parallel.model import build_model, full_state_dict
 from stairscale.train.checkpoint import save_checkpoint
-from stairscale.train.metrics import Tally, headline, supervised_nll
+from stairscale.train.metrics import Tally, headline
+from stairscale.train.optimizer import build_optimizer
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -36,14 +43,10 @@ def autocast(cfg: RunConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def build_model(cfg: RunConfig, dataset: Dataset) -> StaircaseLM:
-    return StaircaseLM(cfg.model, len(dataset.vocab), dataset.vocab.pad_id)
-
-
-def make_loader(cfg: RunConfig, root, split: str, training: bool) -> LaneLoader:
+def make_loader(cfg: RunConfig, root, split: str, training: bool, layout: Layout = Layout()) -> LaneLoader:
     spec = LoaderSpec(str(root), split, cfg.train.lanes, cfg.train.segment_len, cfg.model.chunk, cfg.train.seed,
                       shuffle=training, on_bad_sample=cfg.data.on_bad_sample)
-    return LaneLoader(spec, workers=cfg.data.workers, prefetch=cfg.data.prefetch)
+    return LaneLoader(spec, layout.dp_rank, layout.dp, workers=cfg.data.workers, prefetch=cfg.data.prefetch)
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -67,8 +70,9 @@ def learning_rate(cfg: RunConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: StaircaseLM, cfg: RunConfig, loader: LaneLoader, device: torch.device) -> Tally:
-    """Score a whole split once, every lane read with carried state from a fresh start."""
+def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, layout: Layout = Layout()) -> Tally:
+    """Score a whole split once, every lane read with carried state from a fresh start; the tally
+    is summed over the data-parallel ranks."""
     was_training = model.training
     model.eval()
     tally = Tally.for_dataset(loader.dataset)
@@ -76,10 +80,10 @@ def evaluate(model: StaircaseLM, cfg: RunConfig, loader: LaneLoader, device: tor
     for batch in loader:
         batch = batch.to(device)
         with autocast(cfg, device):
-            logprobs, state = model(batch.tokens, batch.doc_start, state)
-        tally.add(logprobs, batch.targets, batch.doc_pos)
+            scores, state = model(batch.tokens, batch.doc_start, batch.targets, state)
+        tally.add(scores, batch.targets, batch.doc_pos)
     model.train(was_training)
-    return tally
+    return collectives.sum_tallies(tally, layout)
 
 
 class Progress:
@@ -97,24 +101,32 @@ class Progress:
 
 
 class Trainer:
+    """Trains one run in this process, which may be one rank of a parallel launch: the layout comes
+    from the launcher and cfg.parallel; only the reporting rank prints and writes files."""
+
     def __init__(self, cfg: RunConfig, quiet: bool = False):
         self.cfg = cfg
-        self.quiet = quiet
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)
         self.device = resolve_device(cfg)
+        self.layout = init_distributed(cfg.parallel, self.device)
+        self.quiet = quiet or not self.layout.reports
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
         self.labelled = self.dataset.labelled
-        self.model = build_model(cfg, self.dataset).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay
-        )
+        self.vocab = (len(self.dataset.vocab), self.dataset.vocab.pad_id)
+        model = build_model(cfg, *self.vocab, self.layout).to(self.device)
+        if self.layout.distributed:
+            torch.manual_seed(cfg.train.seed + self.layout.rank)  # distinct dropout masks per rank
+        self.optimizer = build_optimizer(model, cfg, self.layout)
+        self.model = self.optimizer.module
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.writer = None
+        if self.layout.reports:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (self.run_dir / "layout.json").write_text(json.dumps(dataclasses.asdict(self.layout), indent=2))
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.curve: list[dict] = []
 
     def log(self, message: str) -> None:
@@ -130,7 +142,7 @@ class Trainer:
             lr = learning_rate(self.cfg, step)
             grad_norm = self._train_step(batch, states, lr, progress.window)
             done = step + 1
-            progress.tokens += batch.tokens.numel()
+            progress.tokens += batch.tokens.numel() * self.layout.dp
             if done % t.log_every == 0 or done == t.steps:
                 self._log_progress(progress, done, lr, grad_norm)
             if t.eval_every and done % t.eval_every == 0 and done < t.steps:
@@ -139,55 +151,52 @@ class Trainer:
         return self._finish(time.perf_counter() - progress.started)
 
     def _batches(self):
-        """(step, global batch, recurrent state per micro-batch); a curriculum stage starts new lanes."""
+        """(step, this rank's batch, recurrent state per micro-batch); a curriculum stage starts new lanes."""
         cfg, t = self.cfg, self.cfg.train
         stage = -1
         for step in range(t.steps):
             if stage + 1 < cfg.task.stages and step >= cfg.task.train_length_steps[stage + 1]:
                 stage += 1
-                batches = iter(make_loader(cfg, self.data_root, train_split(cfg.task, stage), training=True))
-                states = [self.model.initial_state(t.lanes // t.grad_accum, self.device) for _ in range(t.grad_accum)]
+                loader = make_loader(cfg, self.data_root, train_split(cfg.task, stage), training=True, layout=self.layout)
+                batches = iter(loader)
+                size = len(loader.local_lanes) // t.grad_accum
+                states = [self.model.initial_state(size, self.device) for _ in range(t.grad_accum)]
             yield step, next(batches).to(self.device), states
 
     def _train_step(self, batch: Batch, states: list, lr: float, tally: Tally) -> float:
-        """One optimizer step over the global batch, its lanes split into grad_accum micro-batches,
-        each carrying its own state; the loss is normalised over the whole batch's targets."""
+        """One optimizer step over the global batch. This rank's lanes are split into grad_accum
+        micro-batches, each carrying its own state; the loss is normalised over the targets of the
+        whole global batch (times dp, because the data-parallel reduction averages)."""
         t = self.cfg.train
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        targets = max(1, int((batch.targets >= 0).sum()))
-        size = t.lanes // t.grad_accum
+        targets = collectives.sum_over_data_parallel(int((batch.targets != IGNORE).sum()), self.layout)
+        scale = self.layout.dp / max(1, targets)
+        size = batch.tokens.shape[0] // t.grad_accum
         for g in range(t.grad_accum):
             micro = batch.lanes(slice(g * size, (g + 1) * size))
             with autocast(self.cfg, self.device):
-                logprobs, states[g] = self.model(micro.tokens, micro.doc_start, states[g])
-            (supervised_nll(logprobs, micro.targets) / targets).backward()
-            tally.add(logprobs.detach(), micro.targets, micro.doc_pos)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+                scores, states[g] = self.optimizer.forward(micro.tokens, micro.doc_start, micro.targets, states[g])
+            self.optimizer.backward(scores.nll.sum() * scale)
+            tally.add(Scores(scores.nll.detach(), scores.predicted), micro.targets, micro.doc_pos)
+        return self.optimizer.step(lr)
 
     def _log_progress(self, progress: Progress, done: int, lr: float, grad_norm: float) -> None:
         now = time.perf_counter()
         speed = progress.tokens / (now - progress.window_start)
-        summary = progress.window.summary()
+        summary = collectives.sum_tallies(progress.window, self.layout).summary()
         eta = (now - progress.started) / done * (progress.steps - done)
         self.log(
             f"step {done}/{progress.steps} | loss {summary['loss']:.4f} | {headline(summary)} | lr {lr:.2e} "
             f"| grad {grad_norm:.3f} | {speed / 1e3:.1f}k tok/s | ETA {_duration(eta)}"
         )
         self._scalars("train", summary, done)
-        self.writer.add_scalar("train/lr", lr, done)
-        self.writer.add_scalar("train/grad_norm", grad_norm, done)
-        self.writer.add_scalar("train/tokens_per_s", speed, done)
+        self._scalars("train", {"lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed}, done)
         progress.restart_window()
 
     def _finish(self, train_seconds: float) -> dict:
-        """Final validation and test, checkpoint and results.json."""
+        """Final validation and test, checkpoint (single-device weights) and results.json."""
         steps = self.cfg.train.steps
         results = {"train_seconds": train_seconds, "valid": self._evaluate("valid", steps)}
-        test = self._test_tally()
+        test = self._tally("test")
         results["test"] = test.summary()
         self._scalars("test", results["test"], steps)
         if self.labelled:
@@ -195,34 +204,42 @@ class Trainer:
         results.update(self._facts())
         results["curve"] = self.curve
         self.log(f"test: {headline(results['test'])} (loss {results['test']['loss']:.4f})")
-        save_checkpoint(self.run_dir, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": steps})
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        self.writer.close()
+        weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)
+        if self.layout.reports:
+            checkpoint = {"model": weights, "step": steps, "layout": dataclasses.asdict(self.layout)}
+            save_checkpoint(self.run_dir, checkpoint)
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            self.writer.close()
         return results
 
-    def _test_tally(self) -> Tally:
-        return evaluate(self.model, self.cfg, make_loader(self.cfg, self.data_root, "test", training=False), self.device)
+    def _tally(self, split: str) -> Tally:
+        loader = make_loader(self.cfg, self.data_root, split, training=False, layout=self.layout)
+        return evaluate(self.model, self.cfg, loader, self.device, self.layout)
 
     def _evaluate(self, split: str, step: int) -> dict:
-        loader = make_loader(self.cfg, self.data_root, split, training=False)
-        summary = evaluate(self.model, self.cfg, loader, self.device).summary()
+        summary = self._tally(split).summary()
         self._scalars(split, summary, step)
         self.curve.append({"step": step, **{f"{split}_{k}": v for k, v in summary.items()}})
         self.log(f"  {split} at step {step}: {headline(summary)} (loss {summary['loss']:.4f})")
         return summary
 
     def _scalars(self, split: str, summary: dict, step: int) -> None:
+        if self.writer is None:
+            return
         for key, value in summary.items():
             if key != "targets":
                 self.writer.add_scalar(f"{split}/{key}", value, step)
 
     def _facts(self) -> dict:
         m = self.cfg.model
+        with torch.device("meta"):
+            full = StaircaseLM(m, *self.vocab)
         return {
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "core_parameters": self.model.core_parameter_count(),
+            "parameters": sum(p.numel() for p in full.parameters()),
+            "core_parameters": full.core_parameter_count(),
             "passes_per_token": m.passes,
             "reach": reach(self.cfg),
+            "layout": self.layout.describe(),
         }
 
     def _describe(self) -> str:
@@ -232,7 +249,8 @@ class Trainer:
         return (
             f"{m.schedule}: {facts['parameters']:,} parameters ({facts['core_parameters']:,} in the core), "
             f"{facts['passes_per_token']} pass(es)/token{extra}; task {self.cfg.task.name}; "
-            f"{t.lanes} lanes x {t.segment_len} tokens x {t.steps} steps on {self.device}; run dir {self.run_dir}"
+            f"{t.lanes} lanes x {t.segment_len} tokens x {t.steps} steps on {self.device}, {facts['layout']}; "
+            f"run dir {self.run_dir}"
         )
 
 

@@ -1,0 +1,35 @@
+"""The few reductions the trainer needs over the data-parallel ranks (no-ops in one process)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from stairscale.parallel.groups import Layout
+from stairscale.train.metrics import Tally
+
+
+def _data_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def sum_over_data_parallel(value: int, layout: Layout) -> int:
+    if layout.dp == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(total, group=_data_parallel_group())
+    return int(total)
+
+
+def sum_tallies(tally: Tally, layout: Layout) -> Tally:
+    """The tally of the whole data-parallel group (tensor-parallel ranks hold the same tally)."""
+    if layout.dp == 1:
+        return tally
+    parts = [None] * layout.dp
+    dist.all_gather_object(parts, tally, group=_data_parallel_group())
+    total = Tally(tally.labelled, tally.byte_level)
+    for part in parts:
+        total.merge(part)
+    return total

@@ -1,0 +1,93 @@
+"""DeepSpeed ZeRO over the data-parallel group of megatron-core's parallel_state.
+
+The engine owns the optimizer step: ZeRO partitioning (stages 0-3), the gradient reduction over
+the data-parallel ranks, and gradient-norm clipping that counts every tensor-parallel shard once and
+sums over tensor and pipeline ranks (DeepSpeed's model-parallel norm with the `mpu` below).
+Compute precision stays with the trainer (bf16 autocast on GPU), so the engine holds fp32 weights
+and every layout computes what the single-process run computes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from megatron.core import parallel_state
+from torch import nn
+
+from stairscale.config import RunConfig
+from stairscale.parallel.groups import Layout
+
+
+class MegatronGroups:
+    """The `mpu` DeepSpeed asks for, answered by parallel_state. Norms are summed over the
+    model-parallel group (tensor x pipeline); a replicated tensor is counted on tensor rank 0 only."""
+
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
+    t, stage = cfg.train, cfg.parallel.zero_stage
+    return {
+        "train_micro_batch_size_per_gpu": t.lanes // layout.dp // t.grad_accum,
+        "gradient_accumulation_steps": t.grad_accum,
+        # ZeRO-0 clips in DeepSpeedOptimizer.step, which keeps the norm for the logs.
+        "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, as in the single-process run
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedOptimizer:
+    """The trainer's optimizer interface (backward, step) on a DeepSpeed engine."""
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, layout: Layout, optimizer: torch.optim.Optimizer):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        self.cfg = cfg
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout), mpu=MegatronGroups()
+        )
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def forward(self, *args):
+        return self.engine(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer normalises the loss itself
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed counts micro-batches in step(); it updates at the boundary
+
+    def step(self, lr: float) -> float:
+        """Clip, update and zero the gradients; returns the gradient norm before clipping."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        norm = None
+        if self.cfg.parallel.zero_stage == 0:
+            from deepspeed.runtime.utils import clip_grad_norm_
+
+            norm = clip_grad_norm_(list(self.engine.module.parameters()), self.cfg.train.grad_clip or float("inf"), mpu=MegatronGroups())
+        self.engine.step()
+        return float(norm if norm is not None else self.engine.get_global_grad_norm())

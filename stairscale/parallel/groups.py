@@ -1,0 +1,118 @@
+"""Process groups, made in one place for every launcher.
+
+torchrun, the deepspeed launcher and SLURM (through launch/slurm.sbatch) set RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT; an MPI launch (mpirun) gives rank and size through mpi4py, and rank 0
+broadcasts an address and a free port. The torch backend is gloo on CPU and nccl on GPU; the
+tensor, pipeline and data-parallel groups come from megatron-core's `parallel_state`
+(rank order tp, dp, pp: the ranks of one tensor-parallel group are neighbours).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from stairscale.config import ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits. A single process is Layout() with every size 1."""
+
+    world: int = 1
+    rank: int = 0
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    launcher: str = "single"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def reports(self) -> bool:
+        """The one rank that prints, writes TensorBoard and results: it holds the scores."""
+        return self.last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+    def describe(self) -> str:
+        return f"world {self.world} = dp {self.dp} x tp {self.tp} x pp {self.pp} ({self.launcher})"
+
+
+def launch_environment() -> tuple[str, int, int]:
+    """(launcher, rank, world size) of this process, read from what the launcher set."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        launcher = "slurm" if "SLURM_PROCID" in os.environ else "torchrun/deepspeed"
+        return launcher, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if any(key in os.environ for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        if comm.Get_size() > 1:
+            address = comm.bcast(_rendezvous_address() if comm.Get_rank() == 0 else None, root=0)
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address[0], str(address[1])
+        return "mpirun", comm.Get_rank(), comm.Get_size()
+    return "single", 0, 1
+
+
+def _rendezvous_address() -> tuple[str, int]:
+    host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return host, s.getsockname()[1]
+
+
+def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
+    """Join the launch's processes and build the model-parallel groups; a single process returns
+    Layout() without making any group unless ZeRO asks for DeepSpeed."""
+    launcher, rank, world = launch_environment()
+    model_parallel = cfg.tensor * cfg.pipeline
+    if world % model_parallel:
+        raise ConfigError(f"parallel.tensor x parallel.pipeline = {model_parallel} does not divide the world size {world}")
+    if world == 1 and cfg.zero_stage == 0:
+        return Layout()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_rendezvous_address()[1]) if world == 1 else "29500")
+    if not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(cfg.tensor, cfg.pipeline)
+    return Layout(
+        world=world,
+        rank=rank,
+        tp=cfg.tensor,
+        pp=cfg.pipeline,
+        dp=world // model_parallel,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        launcher=launcher,
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

@@ -1,0 +1,84 @@
+"""Applying parallelism from outside: build the single-device model, then shard it for the layout.
+
+Every rank builds the single-device StaircaseLM from the run's seed, so every layout starts from
+the same weights; a tensor-parallel rank keeps its shards, a pipeline stage its layers. The same
+names (`core.layers.3.attn.q.weight`) are used in every layout, so `full_state_dict` can gather a
+single-device state from any of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from stairscale.config import RunConfig
+from stairscale.model.lm import StaircaseLM
+from stairscale.parallel.groups import Layout
+
+
+def build_model(cfg: RunConfig, vocab_size: int, pad_id: int, layout: Layout) -> nn.Module:
+    torch.manual_seed(cfg.train.seed)
+    full = StaircaseLM(cfg.model, vocab_size, pad_id)
+    if layout.tp == 1 and layout.pp == 1:
+        return full
+    layers = None
+    if layout.tp > 1:
+        from stairscale.parallel.tensor import TensorParallelLayers
+
+        layers = TensorParallelLayers(layout.tp)
+    if layout.pp > 1:
+        from stairscale.parallel.pipeline import PipelineStage
+
+        model = PipelineStage(cfg.model, vocab_size, pad_id, layout, layers)
+    else:
+        model = StaircaseLM(cfg.model, vocab_size, pad_id, layers)
+    load_full_state(model, full.state_dict(), layout)
+    return model
+
+
+@torch.no_grad()
+def load_full_state(model: nn.Module, full_state: dict[str, torch.Tensor], layout: Layout) -> None:
+    if layout.tp > 1:
+        from stairscale.parallel.tensor import load_shards
+
+        load_shards(model, full_state)
+    else:
+        for name, param in model.named_parameters():
+            param.copy_(full_state[name])
+
+
+def full_state_dict(model: nn.Module, cfg: RunConfig, vocab_size: int, pad_id: int, layout: Layout) -> dict[str, torch.Tensor]:
+    """The single-device parameters, gathered from ZeRO-3 partitions, tensor shards and pipeline
+    stages; every rank takes part and every rank gets the whole dict (tiny models and tests)."""
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in StaircaseLM(cfg.model, vocab_size, pad_id).named_parameters()}
+    params = dict(model.named_parameters())
+    state = {}
+    with _zero3_gathered(list(params.values())):
+        for name, param in params.items():
+            if layout.tp > 1:
+                from stairscale.parallel.tensor import gather_shard
+
+                state[name] = gather_shard(param, shapes[name]).cpu()
+            else:
+                state[name] = param.detach().clone().cpu()
+    if layout.pp > 1:
+        from megatron.core import parallel_state
+
+        stages = [None] * layout.pp
+        dist.all_gather_object(stages, state, group=parallel_state.get_pipeline_model_parallel_group())
+        state = {name: tensor for stage in stages for name, tensor in stage.items()}
+    missing = set(shapes) - set(state)
+    assert not missing, f"no rank holds {sorted(missing)}"
+    return {name: state[name] for name in shapes}
+
+
+def _zero3_gathered(params: list[torch.Tensor]):
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)

@@ -1,0 +1,40 @@
+"""The optimizer side of a train step: AdamW with clipping, in plain PyTorch for a single process
+or in a DeepSpeed engine (ZeRO, data parallel) otherwise. Both offer forward, backward and step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stairscale.config import RunConfig
+from stairscale.parallel.groups import Layout
+
+
+class TorchOptimizer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float):
+        self.module, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> float:
+        """Clip, update and zero the gradients; returns the gradient norm before clipping."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig, layout: Layout):
+    t = cfg.train
+    adamw = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    if layout.distributed or cfg.parallel.zero_stage:
+        from stairscale.parallel.deepspeed_engine import DeepSpeedOptimizer
+
+        return DeepSpeedOptimizer(model, cfg, layout, adamw)
+    return TorchOptimizer(model, adamw, t.grad_clip)
