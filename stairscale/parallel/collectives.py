@@ -15,12 +15,12 @@ def _data_parallel_group():
     return parallel_state.get_data_parallel_group()
 
 
-def sum_over_data_parallel(value: int, layout: Layout) -> int:
+def sum_over_data_parallel(value: int | float, layout: Layout) -> int | float:
     if layout.dp == 1:
         return value
-    total = torch.tensor([value], dtype=torch.long)
+    total = torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.long)
     dist.all_reduce(total, group=_data_parallel_group())
-    return int(total)
+    return type(value)(total.item())
 
 
 def sum_tallies(tally: Tally, layout: Layout) -> Tally:

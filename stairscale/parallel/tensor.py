@@ -30,7 +30,8 @@ from stairscale.model.provider import LayerProvider, Scores
 
 
 def _skip_init(weight: Tensor) -> None:
-    """Weights come from the single-device model (load_shards), not from an init method."""
+    """Weights come from the single-device model (load_shards). megatron-core still runs its CPU
+    init path with this no-op, because that path is what marks a weight as sharded."""
 
 
 class ColumnLinear(ColumnParallelLinear):
@@ -82,7 +83,7 @@ class VocabParallelHead(nn.Module):
 class TensorParallelLayers(LayerProvider):
     def __init__(self, tp: int):
         self.config = ModelParallelConfig(
-            tensor_model_parallel_size=tp, use_cpu_initialization=True, perform_initialization=False, params_dtype=torch.float32
+            tensor_model_parallel_size=tp, use_cpu_initialization=True, perform_initialization=True, params_dtype=torch.float32
         )
 
     def linear(self, in_features: int, out_features: int, bias: bool, split: str) -> nn.Module:

@@ -128,6 +128,7 @@ class Trainer:
             (self.run_dir / "layout.json").write_text(json.dumps(dataclasses.asdict(self.layout), indent=2))
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.curve: list[dict] = []
+        self.step_losses: list[float] = []
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -140,7 +141,8 @@ class Trainer:
         progress = Progress(self.dataset, t.steps)
         for step, batch, states in self._batches():
             lr = learning_rate(self.cfg, step)
-            grad_norm = self._train_step(batch, states, lr, progress.window)
+            loss, grad_norm = self._train_step(batch, states, lr, progress.window)
+            self.step_losses.append(loss)
             done = step + 1
             progress.tokens += batch.tokens.numel() * self.layout.dp
             if done % t.log_every == 0 or done == t.steps:
@@ -163,21 +165,26 @@ class Trainer:
                 states = [self.model.initial_state(size, self.device) for _ in range(t.grad_accum)]
             yield step, next(batches).to(self.device), states
 
-    def _train_step(self, batch: Batch, states: list, lr: float, tally: Tally) -> float:
+    def _train_step(self, batch: Batch, states: list, lr: float, tally: Tally) -> tuple[float, float]:
         """One optimizer step over the global batch. This rank's lanes are split into grad_accum
         micro-batches, each carrying its own state; the loss is normalised over the targets of the
-        whole global batch (times dp, because the data-parallel reduction averages)."""
+        whole global batch (times dp, because the data-parallel reduction averages).
+        Returns the global batch's mean loss and the gradient norm before clipping."""
         t = self.cfg.train
         targets = collectives.sum_over_data_parallel(int((batch.targets != IGNORE).sum()), self.layout)
         scale = self.layout.dp / max(1, targets)
         size = batch.tokens.shape[0] // t.grad_accum
+        nll = 0.0
         for g in range(t.grad_accum):
             micro = batch.lanes(slice(g * size, (g + 1) * size))
             with autocast(self.cfg, self.device):
                 scores, states[g] = self.optimizer.forward(micro.tokens, micro.doc_start, micro.targets, states[g])
             self.optimizer.backward(scores.nll.sum() * scale)
-            tally.add(Scores(scores.nll.detach(), scores.predicted), micro.targets, micro.doc_pos)
-        return self.optimizer.step(lr)
+            scores = Scores(scores.nll.detach(), scores.predicted)
+            tally.add(scores, micro.targets, micro.doc_pos)
+            nll += float(scores.nll.sum())
+        grad_norm = self.optimizer.step(lr)
+        return collectives.sum_over_data_parallel(nll, self.layout) / max(1, targets), grad_norm
 
     def _log_progress(self, progress: Progress, done: int, lr: float, grad_norm: float) -> None:
         now = time.perf_counter()
@@ -203,6 +210,7 @@ class Trainer:
             results["test_error_by_position"] = test.error_by_position(bucket=32)
         results.update(self._facts())
         results["curve"] = self.curve
+        results["step_losses"] = self.step_losses
         self.log(f"test: {headline(results['test'])} (loss {results['test']['loss']:.4f})")
         weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)
         if self.layout.reports:
