@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from stairscale.config import ModelConfig
 from stairscale.model.core import Core
 from stairscale.model.provider import LayerProvider, Scores
-from stairscale.model.schedules import make_schedule
+from stairscale.model.schedules import make_schedule, run
 from stairscale.model.state import HIDDEN, RecurrentState
 
 
@@ -57,7 +57,7 @@ class StaircaseLM(nn.Module):
     def body(self, tokens: Tensor, doc_start: Tensor, state: RecurrentState) -> tuple[Tensor, RecurrentState]:
         """The top-layer output of each token's final pass [B, M, d], and the state to carry on."""
         pos, doc, key_doc = segment_layout(tokens, doc_start, state, self.pad_id)
-        final, carried = self.schedule(self.core, self.embed(tokens), pos, key_doc, state.rows)
+        final, carried = run(self.core, self.schedule.steps(self.embed(tokens), pos, key_doc, state.rows))
         return final, RecurrentState(state.position + tokens.shape[1], doc[:, -1], carried)
 
     def core_parameter_count(self) -> int:

@@ -3,9 +3,16 @@
 Both schedules take the segment's token embeddings x [B, M, d] with positions pos [M] and key
 document ids doc [B, M], plus the rows carried in from the previous segment, and return the final
 top-layer rows [B, M, d] (each token exactly once) and the rows to carry out (detached).
+
+A schedule is written as a generator of core calls (`steps`): it yields CoreCall(queries, pos, doc,
+context) and is sent back (top outputs, per-layer inputs). In one process `run` answers each call
+with the whole core; the pipeline (parallel/pipeline.py) answers it stage by stage, interleaving
+the generators of several micro-batches, with the same schedule code.
 """
 
 from __future__ import annotations
+
+from typing import Generator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -13,6 +20,26 @@ from torch import Tensor
 from stairscale.config import ModelConfig
 from stairscale.model.core import Core
 from stairscale.model.state import Rows
+
+
+class CoreCall(NamedTuple):
+    queries: Tensor  # [B, T, d] layer-0 inputs of the query rows
+    pos: Tensor  # [T]
+    doc: Tensor  # [B, T]
+    context: Rows | None  # earlier rows the queries may attend to
+
+
+Steps = Generator[CoreCall, tuple[Tensor, Tensor], tuple[Tensor, dict[str, Rows]]]
+
+
+def run(core: Core, steps: Steps) -> tuple[Tensor, dict[str, Rows]]:
+    """Drive a schedule's core calls with the whole core (single device, or tensor parallel)."""
+    call = next(steps)
+    while True:
+        try:
+            call = steps.send(core(*call))
+        except StopIteration as finished:
+            return finished.value
 
 
 class StaircaseSchedule:
@@ -30,7 +57,11 @@ class StaircaseSchedule:
         self.window = cfg.window
         self.cache_len = cfg.cache_len
 
-    def __call__(self, core: Core, x: Tensor, pos: Tensor, doc: Tensor, carried: dict[str, Rows]) -> tuple[Tensor, dict[str, Rows]]:
+    def count(self, segment_len: int) -> int:
+        """Core calls per segment."""
+        return segment_len // self.chunk + self.window - 1
+
+    def steps(self, x: Tensor, pos: Tensor, doc: Tensor, carried: dict[str, Rows]) -> Steps:
         F, n = self.chunk, self.window
         K = x.shape[1] // F
         cache = carried.get("cache")
@@ -48,7 +79,7 @@ class StaircaseSchedule:
             from_before = carried.get(f"step{s}")
             window_start = int(pos[0]) + (s - n + 1) * F
             visible_cache = cache.between(window_start - self.cache_len, window_start) if cache is not None else None
-            top, layer_inputs = core(torch.cat(queries, dim=1), pos[rows], doc[:, rows], Rows.cat([visible_cache, from_before]))
+            top, layer_inputs = yield CoreCall(torch.cat(queries, dim=1), pos[rows], doc[:, rows], Rows.cat([visible_cache, from_before]))
             if s >= K:
                 drain_context = Rows.cat([from_before, Rows(layer_inputs, pos[rows], doc[:, rows])])
                 carry_out[f"step{s - K}"] = drain_context.detach()
@@ -72,11 +103,14 @@ class LadderSchedule:
         self.repeats = cfg.repeats
         self.mem_len = cfg.mem_len
 
-    def __call__(self, core: Core, x: Tensor, pos: Tensor, doc: Tensor, carried: dict[str, Rows]) -> tuple[Tensor, dict[str, Rows]]:
+    def count(self, segment_len: int) -> int:
+        return self.repeats
+
+    def steps(self, x: Tensor, pos: Tensor, doc: Tensor, carried: dict[str, Rows]) -> Steps:
         carry_out = {}
         for r in range(self.repeats):
             memory = carried.get(f"memory{r}")
-            x, layer_inputs = core(x, pos, doc, memory)
+            x, layer_inputs = yield CoreCall(x, pos, doc, memory)
             if self.mem_len:
                 carry_out[f"memory{r}"] = Rows.cat([memory, Rows(layer_inputs, pos, doc)]).last(self.mem_len).detach()
         return x, carry_out

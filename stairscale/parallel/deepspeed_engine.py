@@ -42,9 +42,11 @@ class MegatronGroups:
 
 def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
     t, stage = cfg.train, cfg.parallel.zero_stage
+    # The pipeline runs all micro-batches' backward itself: DeepSpeed sees one batch per step.
+    micro_batches = t.grad_accum if layout.pp == 1 else 1
     return {
-        "train_micro_batch_size_per_gpu": t.lanes // layout.dp // t.grad_accum,
-        "gradient_accumulation_steps": t.grad_accum,
+        "train_micro_batch_size_per_gpu": t.lanes // layout.dp // micro_batches,
+        "gradient_accumulation_steps": micro_batches,
         # ZeRO-0 clips in DeepSpeedOptimizer.step, which keeps the norm for the logs.
         "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
         "zero_optimization": {"stage": stage},
@@ -64,6 +66,7 @@ class DeepSpeedOptimizer:
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         self.cfg = cfg
+        self.pipeline = layout.pp > 1
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout), mpu=MegatronGroups()
         )
@@ -84,6 +87,8 @@ class DeepSpeedOptimizer:
         """Clip, update and zero the gradients; returns the gradient norm before clipping."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+        if self.pipeline:  # the pipeline ran backward outside the engine: reduce over data parallel now
+            self.engine.allreduce_gradients()
         norm = None
         if self.cfg.parallel.zero_stage == 0:
             from deepspeed.runtime.utils import clip_grad_norm_

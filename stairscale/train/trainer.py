@@ -81,7 +81,8 @@ def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, la
         batch = batch.to(device)
         with autocast(cfg, device):
             scores, state = model(batch.tokens, batch.doc_start, batch.targets, state)
-        tally.add(scores, batch.targets, batch.doc_pos)
+        if scores is not None:  # None on pipeline stages without the head
+            tally.add(scores, batch.targets, batch.doc_pos)
     model.train(was_training)
     return collectives.sum_tallies(tally, layout)
 
@@ -174,17 +175,27 @@ class Trainer:
         targets = collectives.sum_over_data_parallel(int((batch.targets != IGNORE).sum()), self.layout)
         scale = self.layout.dp / max(1, targets)
         size = batch.tokens.shape[0] // t.grad_accum
+        micros = [batch.lanes(slice(g * size, (g + 1) * size)) for g in range(t.grad_accum)]
         nll = 0.0
-        for g in range(t.grad_accum):
-            micro = batch.lanes(slice(g * size, (g + 1) * size))
-            with autocast(self.cfg, self.device):
-                scores, states[g] = self.optimizer.forward(micro.tokens, micro.doc_start, micro.targets, states[g])
-            self.optimizer.backward(scores.nll.sum() * scale)
-            scores = Scores(scores.nll.detach(), scores.predicted)
-            tally.add(scores, micro.targets, micro.doc_pos)
-            nll += float(scores.nll.sum())
+        for micro, scores in zip(micros, self._forward_backward(micros, states, scale)):
+            if scores is not None:  # None on pipeline stages without the head
+                tally.add(scores, micro.targets, micro.doc_pos)
+                nll += float(scores.nll.sum())
         grad_norm = self.optimizer.step(lr)
         return collectives.sum_over_data_parallel(nll, self.layout) / max(1, targets), grad_norm
+
+    def _forward_backward(self, micros: list[Batch], states: list, scale: float) -> list[Scores | None]:
+        """Gradients of every micro-batch, one after the other, or as the pipeline's wavefront."""
+        if self.layout.pp > 1:
+            with autocast(self.cfg, self.device):
+                return self.model.runner.train([(m.tokens, m.doc_start, m.targets) for m in micros], states, scale)
+        scores = []
+        for g, micro in enumerate(micros):
+            with autocast(self.cfg, self.device):
+                out, states[g] = self.optimizer.forward(micro.tokens, micro.doc_start, micro.targets, states[g])
+            self.optimizer.backward(out.nll.sum() * scale)
+            scores.append(Scores(out.nll.detach(), out.predicted))
+        return scores
 
     def _log_progress(self, progress: Progress, done: int, lr: float, grad_norm: float) -> None:
         now = time.perf_counter()

@@ -1,0 +1,247 @@
+"""Pipeline parallelism: the core's layers split over stages, run as a wavefront.
+
+Stage p holds layers [first, last) of the core; the first stage also holds the embedding, the last
+the output head. Every stage runs the same schedule generator (model/schedules.py) for each
+micro-batch, so every stage knows each core call's positions, documents and its own carried rows;
+only the tensors differ:
+
+- the query rows of a call come from the schedule on the first stage (embeddings and the previous
+  call's top rows), from the previous stage elsewhere;
+- the top rows of call s are computed by the last stage and sent to the first stage (the queries of
+  call s+1) and, for the cached schedules, to every stage (their cache of final rows).
+
+Each call's graph is cut at its inputs: received activations, top rows and the embeddings become
+leaf tensors, so a call's backward is one `torch.autograd.backward` on one stage, and the leaves'
+gradients are what travel back. The order of the actions on each stage comes from the pure
+wavefront schedule (parallel/wavefront.py); sends are asynchronous and receives block, and since
+every receive waits for an action of an earlier slot, the launch cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import Tensor, nn
+
+from stairscale.config import ModelConfig
+from stairscale.model.core import Core
+from stairscale.model.lm import segment_layout
+from stairscale.model.provider import LayerProvider, Scores
+from stairscale.model.schedules import CoreCall, make_schedule
+from stairscale.model.state import RecurrentState
+from stairscale.parallel import wavefront
+from stairscale.parallel.groups import Layout
+
+ACTIVATION, GRADIENT, TOP, TOP_GRADIENT = range(4)  # message kinds
+
+
+def stage_layers(n_layers: int, stages: int, stage: int) -> range:
+    """Contiguous layers of one stage; earlier stages take the remainder."""
+    bounds = [sum(n_layers // stages + (i < n_layers % stages) for i in range(k)) for k in range(stages + 1)]
+    return range(bounds[stage], bounds[stage + 1])
+
+
+class PipelineStage(nn.Module):
+    """One stage of StaircaseLM, with the single-device parameter names."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, layout: Layout, layers: LayerProvider | None = None):
+        super().__init__()
+        layers = layers or LayerProvider()
+        self.cfg, self.pad_id, self.layout = cfg, pad_id, layout
+        self.embed = layers.embedding(vocab_size, cfg.d_model) if layout.first_stage else None
+        self.core = Core(cfg, layers, stage_layers(cfg.n_layers, layout.pp, layout.pp_rank))
+        self.head = layers.output(cfg.d_model, vocab_size) if layout.last_stage else None
+        if self.core.relative is not None and not layout.first_stage:
+            # Every stage holds the relative table; the runner sums its gradient over the stages,
+            # and DeepSpeed counts it in the gradient norm on the first stage only.
+            self.core.relative.ds_pipe_replicated = True
+        self.runner = PipelineRunner(self)
+
+    def initial_state(self, lanes: int, device: torch.device | str = "cpu") -> RecurrentState:
+        return RecurrentState.initial(lanes, device)
+
+    def forward(self, tokens: Tensor, doc_start: Tensor, targets: Tensor, state: RecurrentState) -> tuple[Scores | None, RecurrentState]:
+        """One micro-batch through the pipeline; scores on the last stage, None elsewhere.
+        Under torch.no_grad (evaluation) only: training goes through `runner.train`."""
+        assert not torch.is_grad_enabled(), "train a pipeline stage with PipelineStage.runner.train"
+        (scores,), (state,) = self.runner.run([(tokens, doc_start, targets)], [state], loss_scale=None)
+        return scores, state
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch's schedule generator and what its actions leave for later ones."""
+
+    index: int  # position among the step's micro-batches: the same on every stage
+    steps: object  # the schedule generator
+    tokens: Tensor
+    targets: Tensor
+    state: RecurrentState
+    call: CoreCall | None = None
+    embedded: Tensor | None = None  # first stage: the embedding output, and its leaf
+    embedded_leaf: Tensor | None = None
+    inputs: dict[int, Tensor] = field(default_factory=dict)  # step -> the call's input rows (leaf)
+    outputs: dict[int, Tensor] = field(default_factory=dict)  # step -> the call's output rows
+    layer_inputs: dict[int, Tensor] = field(default_factory=dict)
+    tops: dict[int, Tensor] = field(default_factory=dict)  # step -> top rows as a leaf
+    result: tuple | None = None  # (final rows, carried rows) once the generator is done
+    scores: Scores | None = None
+
+
+class PipelineRunner:
+    """Executes the wavefront schedule of one stage over torch.distributed point-to-point."""
+
+    def __init__(self, stage: PipelineStage):
+        self.stage = stage
+        self.layout = stage.layout
+        self.schedule = make_schedule(stage.cfg)
+        self.stage_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+        self.cached = stage.cfg.cache_len > 0
+        self.sends: list = []
+
+    def train(self, micro_batches: list[tuple[Tensor, Tensor, Tensor]], states: list[RecurrentState], loss_scale: float):
+        """Forward and backward of every micro-batch's segment; gradients are left in .grad."""
+        scores, states[:] = self.run(micro_batches, states, loss_scale)
+        relative = self.stage.core.relative
+        if relative is not None:
+            if relative.grad is None:
+                relative.grad = torch.zeros_like(relative)
+            dist.all_reduce(relative.grad, group=parallel_state.get_pipeline_model_parallel_group())
+        return scores
+
+    def run(self, micro_batches, states, loss_scale: float | None) -> tuple[list[Scores | None], list[RecurrentState]]:
+        layout, training = self.layout, loss_scale is not None
+        self.loss_scale = loss_scale
+        self.steps = self.schedule.count(micro_batches[0][0].shape[1])
+        with torch.set_grad_enabled(training):
+            micros = [self._start(g, *batch, state) for g, (batch, state) in enumerate(zip(micro_batches, states))]
+            for action in _plan(layout.pp, len(micros), self.steps, training, layout.pp_rank):
+                if action.phase == "F":
+                    self._forward(micros[action.micro], action.step)
+                else:
+                    self._backward(micros[action.micro], action.step)
+            for micro in micros:
+                if micro.result is None:
+                    self._advance(micro, self.steps - 1)
+        for handle in self.sends:
+            handle.wait()
+        self.sends = []
+        return [m.scores for m in micros], [m.state for m in micros]
+
+    # -- one micro-batch's generator ------------------------------------------------------------
+
+    def _start(self, index: int, tokens: Tensor, doc_start: Tensor, targets: Tensor, state: RecurrentState) -> MicroBatch:
+        cfg = self.stage.cfg
+        pos, doc, key_doc = segment_layout(tokens, doc_start, state, self.stage.pad_id)
+        micro = MicroBatch(index, None, tokens, targets, RecurrentState(state.position + tokens.shape[1], doc[:, -1], {}))
+        if self.layout.first_stage:
+            micro.embedded = self.stage.embed(tokens)
+            micro.embedded_leaf = micro.embedded.detach().requires_grad_(torch.is_grad_enabled())
+            x = micro.embedded_leaf
+        else:  # only shapes the schedule's query rows, which this stage receives instead
+            x = torch.zeros(*tokens.shape, cfg.d_model, device=tokens.device)
+        micro.steps = self.schedule.steps(x, pos, key_doc, state.rows)
+        micro.call = next(micro.steps)
+        return micro
+
+    def _advance(self, micro: MicroBatch, step: int) -> None:
+        """Hand call `step`'s top rows and this stage's layer inputs back to the generator."""
+        last = self.layout.last_stage
+        if last:
+            top = micro.outputs[step].detach()
+        elif self._receives_top(self.layout.pp_rank, step):
+            top = self._recv(micro.call.queries.shape, self.stage_ranks[-1], TOP, micro, step)
+        else:
+            top = torch.zeros_like(micro.call.queries)  # this stage never reads the top rows
+        micro.tops[step] = top.requires_grad_(torch.is_grad_enabled())
+        try:
+            micro.call = micro.steps.send((micro.tops[step], micro.layer_inputs.pop(step)))
+        except StopIteration as finished:
+            micro.result = finished.value
+            micro.state.rows = micro.result[1]
+            if last:
+                self._score(micro)
+
+    def _receives_top(self, stage: int, step: int) -> bool:
+        """Whether `stage` needs the real top rows of `step` from the last stage."""
+        if stage == self.layout.pp - 1:
+            return False
+        return self.cached or (stage == 0 and step < self.steps - 1)
+
+    def _score(self, micro: MicroBatch) -> None:
+        finals = micro.result[0]
+        micro.scores = self.stage.head(finals, micro.targets)
+        if self.loss_scale is not None:
+            (micro.scores.nll.sum() * self.loss_scale).backward()  # into the top rows' leaves
+            micro.scores = Scores(micro.scores.nll.detach(), micro.scores.predicted)
+
+    # -- actions ----------------------------------------------------------------------------------
+
+    def _forward(self, micro: MicroBatch, step: int) -> None:
+        layout = self.layout
+        if step > 0:
+            self._advance(micro, step - 1)
+        call = micro.call
+        if layout.first_stage:
+            rows = call.queries
+        else:
+            rows = self._recv(call.queries.shape, self.stage_ranks[layout.pp_rank - 1], ACTIVATION, micro, step)
+            rows.requires_grad_(torch.is_grad_enabled())
+        out, micro.layer_inputs[step] = self.stage.core(rows, call.pos, call.doc, call.context)
+        micro.inputs[step], micro.outputs[step] = rows, out
+        if layout.last_stage:
+            for stage in range(layout.pp - 1):
+                if self._receives_top(stage, step):
+                    self._send(out, self.stage_ranks[stage], TOP, micro, step)
+            if step == self.steps - 1:
+                self._advance(micro, step)
+        else:
+            self._send(out, self.stage_ranks[layout.pp_rank + 1], ACTIVATION, micro, step)
+
+    def _backward(self, micro: MicroBatch, step: int) -> None:
+        layout = self.layout
+        if micro.result is None:
+            self._advance(micro, self.steps - 1)
+        out = micro.outputs.pop(step)
+        if layout.last_stage:
+            grad = _grad_or_zeros(micro.tops[step])
+            for stage in range(layout.pp - 1):
+                if step < self.steps - 1 and self._receives_top(stage, step):
+                    grad = grad + self._recv(out.shape, self.stage_ranks[stage], TOP_GRADIENT, micro, step)
+        else:
+            grad = self._recv(out.shape, self.stage_ranks[layout.pp_rank + 1], GRADIENT, micro, step)
+        torch.autograd.backward(out, grad)
+        rows = micro.inputs.pop(step)
+        if not layout.first_stage:
+            self._send(_grad_or_zeros(rows), self.stage_ranks[layout.pp_rank - 1], GRADIENT, micro, step)
+        if not layout.last_stage and step > 0 and self._receives_top(layout.pp_rank, step - 1):
+            # Every use of top rows step-1 on this stage is in calls >= step: their gradient is complete.
+            self._send(_grad_or_zeros(micro.tops[step - 1]), self.stage_ranks[-1], TOP_GRADIENT, micro, step - 1)
+        if layout.first_stage and step == 0:
+            micro.embedded.backward(_grad_or_zeros(micro.embedded_leaf))
+
+    # -- point to point ---------------------------------------------------------------------------
+
+    def _tag(self, kind: int, micro: MicroBatch, step: int) -> int:
+        return (kind * 4096 + micro.index) * 4096 + step
+
+    def _send(self, tensor: Tensor, rank: int, kind: int, micro: MicroBatch, step: int) -> None:
+        self.sends.append(dist.isend(tensor.detach().contiguous(), rank, tag=self._tag(kind, micro, step)))
+
+    def _recv(self, shape, rank: int, kind: int, micro: MicroBatch, step: int) -> Tensor:
+        buffer = torch.empty(shape, device=micro.tokens.device)
+        dist.recv(buffer, rank, tag=self._tag(kind, micro, step))
+        return buffer
+
+
+def _grad_or_zeros(leaf: Tensor) -> Tensor:
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(stages: int, micro_batches: int, steps: int, backward: bool, stage: int) -> list[wavefront.Action]:
+    return wavefront.schedule(stages, micro_batches, steps, backward).per_stage(stage)
