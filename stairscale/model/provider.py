@@ -5,7 +5,7 @@ and the output head. The model code asks a provider; tensor parallelism swaps th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from stairscale.data.tasks import IGNORE
 
 
-@dataclass
-class Scores:
-    """What the trainer and the metrics need from the output layer, per token."""
+class Scores(NamedTuple):
+    """What the trainer and the metrics need from the output layer, per token. (A named tuple,
+    so that DeepSpeed ZeRO-3 can hook the tensors a module returns.)"""
 
     nll: Tensor  # [B, M] float32 negative log-likelihood of the target (0 where there is none)
     predicted: Tensor  # [B, M] most likely token

@@ -66,6 +66,9 @@ def launch_environment() -> tuple[str, int, int]:
         if comm.Get_size() > 1:
             address = comm.bcast(_rendezvous_address() if comm.Get_rank() == 0 else None, root=0)
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address[0], str(address[1])
+        # What torchrun would have set, for DeepSpeed and for device selection.
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(comm.Get_rank()), str(comm.Get_size())
+        os.environ["LOCAL_RANK"] = str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
         return "mpirun", comm.Get_rank(), comm.Get_size()
     return "single", 0, 1
 

@@ -1,0 +1,165 @@
+"""Every parallel layout trains the same model: real launches on gloo, compared with one process.
+
+Each layout runs 5 training steps of a tiny fp32 model with clipping active, and its per-step loss
+and final gathered weights must equal the single-process run's to 1e-5 (relative). Runs that share
+a layout share one launch (tests/scripts/train_runs.py); the command line and the launchers of
+launch/ are tested with one run each.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stairscale.config import ConfigError, load_config
+from stairscale.parallel.pipeline import stage_layers
+from stairscale.train.trainer import Trainer
+
+ROOT = Path(__file__).parents[1]
+RUNS = ROOT / "tests" / "scripts" / "train_runs.py"
+TOL = 1e-5
+TINY = {
+    "model": {"d_model": 16, "d_ff": 32, "n_heads": 2, "chunk": 4, "attn_lim": 16},
+    "train": {"lanes": 4, "segment_len": 16, "steps": 5, "log_every": 1, "eval_every": 0, "warmup_steps": 2,
+              "lr": 0.002, "grad_clip": 0.05},
+    "task": {"train_lengths": [24], "train_length_steps": [0], "eval_length": 24, "eval_docs": 4, "train_docs": 64},
+}
+SCHEDULES = {
+    "staircase": [],
+    "cached": ["model.schedule=cached", "model.cache_len=8"],
+    "global_cached": ["model.schedule=global_cached", "model.cache_len=8"],
+    "ladder": ["model.schedule=ladder", "model.repeats=2", "model.mem_len=8"],
+    "transformer": ["model.schedule=transformer"],
+    "transformer_xl": ["model.schedule=transformer_xl", "model.mem_len=8"],
+    "cached_relative": ["model.schedule=cached", "model.cache_len=8", "model.positions=relative"],
+}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("parallel")
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "data": {"cache": str(folder / "datasets")}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(config, tmp_path_factory):
+    """The single-process run of every schedule: {name: (step losses, weights)}."""
+    out = {}
+    for name, overrides in SCHEDULES.items():
+        run_dir = tmp_path_factory.mktemp("single") / name
+        Trainer(load_config(config, [*overrides, f"run_dir={run_dir}"]), quiet=True).train()
+        out[name] = read_run(run_dir)
+    return out
+
+
+def read_run(run_dir: Path):
+    losses = json.loads((run_dir / "results.json").read_text())["step_losses"]
+    return losses, torch.load(run_dir / "checkpoint.pt")["model"]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=900, cwd=ROOT)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-6000:])
+
+
+def torchrun(ranks: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
+
+
+def launch_runs(ranks: int, config: Path, tmp_path: Path, runs: dict[str, list[str]]) -> dict:
+    """Train each named run (overrides) in one launch of `ranks` processes."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    plan = [[str(config), str(tmp_path / name), overrides] for name, overrides in runs.items()]
+    (tmp_path / "runs.json").write_text(json.dumps(plan))
+    run(torchrun(ranks, str(RUNS), str(tmp_path / "runs.json")))
+    return {name: read_run(tmp_path / name) for name in runs}
+
+
+def assert_same_training(got, want, label: str) -> None:
+    (losses, weights), (want_losses, want_weights) = got, want
+    assert len(losses) == len(want_losses) == 5
+    for step, (a, b) in enumerate(zip(losses, want_losses)):
+        assert abs(a - b) <= TOL * abs(b), f"{label}: step {step + 1} loss {a} vs {b}"
+    assert weights.keys() == want_weights.keys()
+    for name, want_tensor in want_weights.items():
+        error = float((weights[name] - want_tensor).norm() / want_tensor.norm())
+        assert error <= TOL, f"{label}: {name} differs by {error:.2e} (relative)"
+    moved = max(float((w - want_weights[n]).abs().max()) for n, w in weights.items())
+    assert moved < 1.0  # sanity: the comparison is on trained weights, not on two empty dicts
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_every_schedule_under_tensor_and_pipeline_parallel(layout, config, single, tmp_path):
+    extra = ["parallel.tensor=2"] if layout == "tp2" else ["parallel.pipeline=2", "train.grad_accum=2"]
+    got = launch_runs(2, config, tmp_path, {name: [*o, *extra] for name, o in SCHEDULES.items()})
+    for name in SCHEDULES:
+        assert_same_training(got[name], single[name], f"{layout} {name}")
+
+
+def test_data_parallel_with_every_zero_stage(config, single, tmp_path):
+    got = launch_runs(2, config, tmp_path, {f"zero{z}": [f"parallel.zero_stage={z}"] for z in range(4)})
+    for z in range(4):
+        assert_same_training(got[f"zero{z}"], single["staircase"], f"dp2 zero{z}")
+
+
+def test_data_and_tensor_parallel_with_every_zero_stage(config, single, tmp_path):
+    got = launch_runs(4, config, tmp_path, {f"zero{z}": ["parallel.tensor=2", f"parallel.zero_stage={z}"] for z in range(4)})
+    for z in range(4):
+        assert_same_training(got[f"zero{z}"], single["staircase"], f"dp2 x tp2 zero{z}")
+
+
+def test_pipeline_with_data_or_tensor_parallel(config, single, tmp_path):
+    pp2 = ["parallel.pipeline=2", "train.grad_accum=2"]
+    got = launch_runs(4, config, tmp_path, {"dp2_pp2_zero0": pp2, "dp2_pp2_zero1": [*pp2, "parallel.zero_stage=1"],
+                                            "cached_relative": [*pp2, *SCHEDULES["cached_relative"]]})
+    assert_same_training(got["dp2_pp2_zero0"], single["staircase"], "dp2 x pp2 zero0")
+    assert_same_training(got["dp2_pp2_zero1"], single["staircase"], "dp2 x pp2 zero1")
+    assert_same_training(got["cached_relative"], single["cached_relative"], "dp2 x pp2 cached relative")
+    tp_pp = launch_runs(4, config, tmp_path / "tp_pp", {"tp2_pp2": ["parallel.tensor=2", *pp2]})
+    assert_same_training(tp_pp["tp2_pp2"], single["staircase"], "tp2 x pp2")
+
+
+def test_command_line_runs_a_layout_from_the_config_and_records_it(config, single, tmp_path):
+    run_dir = tmp_path / "run"
+    run(torchrun(2, "-m", "stairscale.cli", "train", "--config", str(config), "--set", f"run_dir={run_dir}",
+                 "--set", "parallel.pipeline=2", "--set", "train.grad_accum=2", "--set", "parallel.zero_stage=1"))
+    assert_same_training(read_run(run_dir), single["staircase"], "stairscale train, pp2 zero1")
+    layout = json.loads((run_dir / "layout.json").read_text())
+    assert (layout["dp"], layout["tp"], layout["pp"], layout["world"]) == (1, 1, 2, 2)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["parallel"]["zero_stage"] == 1
+
+
+def test_mpirun_launch_bootstraps_from_mpi(config, single, tmp_path):
+    mpirun = str(Path(sys.executable).parent / "mpirun")
+    run_dir = tmp_path / "run"
+    run([mpirun, "-n", "2", sys.executable, "-m", "stairscale.cli", "train", "--config", str(config),
+         "--set", f"run_dir={run_dir}", "--set", "parallel.tensor=2"])
+    assert json.loads((run_dir / "layout.json").read_text())["launcher"] == "mpirun"
+    assert_same_training(read_run(run_dir), single["staircase"], "mpirun tp2")
+
+
+def test_unsupported_layouts_are_refused_with_the_reason(config):
+    with pytest.raises(ConfigError, match="parallel.zero_stage: ZeRO-2 .* pipeline"):
+        load_config(config, ["parallel.pipeline=2", "parallel.zero_stage=2"])
+    with pytest.raises(ConfigError, match="parallel.tensor: 3 does not divide model.n_heads=2"):
+        load_config(config, ["parallel.tensor=3"])
+    with pytest.raises(ConfigError, match="parallel.pipeline: 3 stages for model.n_layers=2"):
+        load_config(config, ["parallel.pipeline=3"])
+
+
+def test_stage_layers_cover_the_core_once():
+    for layers in range(1, 9):
+        for stages in range(1, layers + 1):
+            split = [list(stage_layers(layers, stages, p)) for p in range(stages)]
+            assert sum(split, []) == list(range(layers)) and all(split)
