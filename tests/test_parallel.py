@@ -8,6 +8,7 @@ launch/ are tested with one run each.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,27 +127,42 @@ def test_pipeline_with_data_or_tensor_parallel(config, single, tmp_path):
     assert_same_training(got["dp2_pp2_zero0"], single["staircase"], "dp2 x pp2 zero0")
     assert_same_training(got["dp2_pp2_zero1"], single["staircase"], "dp2 x pp2 zero1")
     assert_same_training(got["cached_relative"], single["cached_relative"], "dp2 x pp2 cached relative")
-    tp_pp = launch_runs(4, config, tmp_path / "tp_pp", {"tp2_pp2": ["parallel.tensor=2", *pp2]})
-    assert_same_training(tp_pp["tp2_pp2"], single["staircase"], "tp2 x pp2")
+    tp_pp = launch_runs(4, config, tmp_path / "tp_pp", {"tp2_pp2": ["parallel.tensor=2", *pp2, "model.activation_checkpointing=true"]})
+    assert_same_training(tp_pp["tp2_pp2"], single["staircase"], "tp2 x pp2, activation checkpointing")
 
 
-def test_command_line_runs_a_layout_from_the_config_and_records_it(config, single, tmp_path):
-    run_dir = tmp_path / "run"
-    run(torchrun(2, "-m", "stairscale.cli", "train", "--config", str(config), "--set", f"run_dir={run_dir}",
-                 "--set", "parallel.pipeline=2", "--set", "train.grad_accum=2", "--set", "parallel.zero_stage=1"))
-    assert_same_training(read_run(run_dir), single["staircase"], "stairscale train, pp2 zero1")
-    layout = json.loads((run_dir / "layout.json").read_text())
-    assert (layout["dp"], layout["tp"], layout["pp"], layout["world"]) == (1, 1, 2, 2)
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["parallel"]["zero_stage"] == 1
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
-def test_mpirun_launch_bootstraps_from_mpi(config, single, tmp_path):
-    mpirun = str(Path(sys.executable).parent / "mpirun")
-    run_dir = tmp_path / "run"
-    run([mpirun, "-n", "2", sys.executable, "-m", "stairscale.cli", "train", "--config", str(config),
-         "--set", f"run_dir={run_dir}", "--set", "parallel.tensor=2"])
-    assert json.loads((run_dir / "layout.json").read_text())["launcher"] == "mpirun"
-    assert_same_training(read_run(run_dir), single["staircase"], "mpirun tp2")
+LAUNCHES = {  # launcher: (layout overrides, how the run is started)
+    "torchrun": (["parallel.pipeline=2", "train.grad_accum=2", "parallel.zero_stage=1"], "launch/torchrun.sh"),
+    "deepspeed": (["parallel.zero_stage=2"], "launch/deepspeed.sh"),
+    "mpirun": (["parallel.tensor=2"], "launch/mpirun.sh"),
+    "srun": (["parallel.pipeline=2", "train.grad_accum=2"], "SLURM_* variables, as srun sets them"),
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHES)
+def test_launchers_run_a_layout_from_the_config_and_record_it(launcher, config, single, tmp_path):
+    overrides, script = LAUNCHES[launcher]
+    args = ["--config", str(config), "--set", f"run_dir={tmp_path / 'run'}", *[f"--set={o}" for o in overrides]]
+    variables = {**env(), "PYTHON": sys.executable, "BIN": str(Path(sys.executable).parent), "MASTER_PORT": free_port()}
+    if launcher == "srun":  # no SLURM here: start the two tasks as srun would, with its variables
+        tasks = [subprocess.Popen([sys.executable, "-m", "stairscale.cli", "train", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                                  env={**variables, "SLURM_PROCID": str(i), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(i),
+                                       "MASTER_ADDR": "127.0.0.1"}) for i in range(2)]
+        errors = [task.communicate(timeout=600)[1] for task in tasks]
+        assert all(task.returncode == 0 for task in tasks), errors[0][-4000:] + errors[1][-4000:]
+    else:
+        done = subprocess.run([str(ROOT / script), *args], capture_output=True, text=True, env=variables, timeout=900, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-6000:]
+    layout = json.loads((tmp_path / "run" / "layout.json").read_text())
+    assert layout["launcher"] == launcher and layout["world"] == 2
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["parallel"] == load_config(config, overrides).to_dict()["parallel"]
+    assert_same_training(read_run(tmp_path / "run"), single["staircase"], f"{launcher} {' '.join(overrides)}")
 
 
 def test_unsupported_layouts_are_refused_with_the_reason(config):

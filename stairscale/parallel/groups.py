@@ -1,8 +1,9 @@
 """Process groups, made in one place for every launcher.
 
-torchrun, the deepspeed launcher and SLURM (through launch/slurm.sbatch) set RANK, WORLD_SIZE,
-MASTER_ADDR and MASTER_PORT; an MPI launch (mpirun) gives rank and size through mpi4py, and rank 0
-broadcasts an address and a free port. The torch backend is gloo on CPU and nccl on GPU; the
+torchrun and the deepspeed launcher set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; under srun
+the rank and size come from SLURM_PROCID and SLURM_NTASKS (launch/slurm.sbatch sets MASTER_ADDR);
+an MPI launch (mpirun) gives rank and size through mpi4py, and rank 0 broadcasts an address and a
+free port. The torch backend is gloo on CPU and nccl on GPU; the
 tensor, pipeline and data-parallel groups come from megatron-core's `parallel_state`
 (rank order tp, dp, pp: the ranks of one tensor-parallel group are neighbours).
 """
@@ -57,8 +58,14 @@ class Layout:
 def launch_environment() -> tuple[str, int, int]:
     """(launcher, rank, world size) of this process, read from what the launcher set."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        launcher = "slurm" if "SLURM_PROCID" in os.environ else "torchrun/deepspeed"
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "deepspeed" if "CROSS_RANK" in os.environ else "env"
         return launcher, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("srun: set MASTER_ADDR (and MASTER_PORT) to the first node, as launch/slurm.sbatch does")
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["SLURM_PROCID"], os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        return "srun", int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if any(key in os.environ for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
         from mpi4py import MPI
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Train under MPI: mpi4py gives each process its rank, rank 0 broadcasts the rendezvous address,
+# and the torch backend (gloo on CPU, nccl on GPU) starts from there.
+#   NP=4 launch/mpirun.sh --config configs/parallel_tp2_pp2.yaml
+# Extra mpirun flags go in MPIRUN_ARGS (e.g. "-hosts node0,node1" for MPICH's hydra).
+set -euo pipefail
+BIN=${BIN:-$(dirname "$0")/../.venv/bin}
+exec "$BIN/mpirun" -n "${NP:-2}" ${MPIRUN_ARGS:-} "$BIN/python" -m stairscale.cli train "$@"
