@@ -1,10 +1,19 @@
 """The pipeline wavefront schedule as a pure list of actions."""
 
+import collections
 import itertools
 
 import pytest
 
-from stairscale.parallel.wavefront import Action, dependencies, forward_bubble_fraction, schedule
+from stairscale.parallel.wavefront import (
+    Action,
+    closing_transfers,
+    dependencies,
+    forward_bubble_fraction,
+    receives_top,
+    schedule,
+    transfers,
+)
 
 SHAPES = list(itertools.product([1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]))  # stages, micro-batches, steps
 
@@ -44,3 +53,54 @@ def test_enough_micro_batches_fill_the_pipeline():
     assert forward_bubble_fraction(4, 1, 9) == pytest.approx(0.75)
     assert forward_bubble_fraction(4, 4, 9) == pytest.approx(3 / 39)
     assert forward_bubble_fraction(4, 8, 9) < 0.05
+
+
+def run_messages(stages, micro, steps, cached, backward):
+    """Play every stage's receives and sends (wavefront.transfers) in its action order, with
+    asynchronous sends and blocking receives that take the oldest message of their channel (how
+    NCCL matches point-to-point messages). Fails on a mismatch; returns False on a deadlock."""
+    plan = schedule(stages, micro, steps, backward)
+    ops = []
+    for p in range(stages):
+        stage_ops = []
+        actions = plan.per_stage(p)
+        last_forward = max(i for i, a in enumerate(actions) if a.phase == "F")
+        for i, action in enumerate(actions):
+            recvs, sends = transfers(action, stages, steps, cached)
+            stage_ops += [("recv", t) for t in recvs] + [("send", t) for t in sends]
+            if i == last_forward:
+                stage_ops += [("recv", t) for t in closing_transfers(p, stages, micro, steps, cached)]
+        ops.append(stage_ops)
+    channels = collections.defaultdict(collections.deque)
+    done = [0] * stages
+    while any(done[p] < len(ops[p]) for p in range(stages)):
+        progress = False
+        for p in range(stages):
+            while done[p] < len(ops[p]):
+                kind, transfer = ops[p][done[p]]
+                channel = channels[transfer.src, transfer.dst]
+                if kind == "send":
+                    channel.append(transfer)
+                elif not channel:
+                    break
+                else:
+                    assert channel.popleft() == transfer, f"stage {p} expected {transfer}"
+                done[p] += 1
+                progress = True
+        if not progress:
+            return False
+    assert not any(channels.values()), "messages sent but never received"
+    return True
+
+
+@pytest.mark.parametrize("stages, micro, steps", [s for s in SHAPES if s[0] > 1])
+@pytest.mark.parametrize("cached", [False, True])
+def test_messages_arrive_in_order_without_deadlock(stages, micro, steps, cached):
+    for backward in (False, True):
+        assert run_messages(stages, micro, steps, cached, backward)
+
+
+def test_top_rows_go_to_the_first_stage_and_with_a_cache_to_every_stage():
+    assert [receives_top(p, 0, stages=3, steps=4, cached=False) for p in range(3)] == [True, False, False]
+    assert not receives_top(0, 3, stages=3, steps=4, cached=False)  # the last call's top rows feed no call
+    assert [receives_top(p, 3, stages=3, steps=4, cached=True) for p in range(3)] == [True, True, False]

@@ -36,9 +36,6 @@ from stairscale.model.state import RecurrentState
 from stairscale.parallel import wavefront
 from stairscale.parallel.groups import Layout
 
-ACTIVATION, GRADIENT, TOP, TOP_GRADIENT = range(4)  # message kinds
-
-
 def stage_layers(n_layers: int, stages: int, stage: int) -> range:
     """Contiguous layers of one stage; earlier stages take the remainder."""
     bounds = [sum(n_layers // stages + (i < n_layers % stages) for i in range(k)) for k in range(stages + 1)]
@@ -93,7 +90,8 @@ class MicroBatch:
 
 
 class PipelineRunner:
-    """Executes the wavefront schedule of one stage over torch.distributed point-to-point."""
+    """Executes one stage's share of the wavefront: its actions in order, and for each the
+    receives and sends that wavefront.transfers lists."""
 
     def __init__(self, stage: PipelineStage):
         self.stage = stage
@@ -101,41 +99,42 @@ class PipelineRunner:
         self.schedule = make_schedule(stage.cfg)
         self.stage_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
         self.cached = stage.cfg.cache_len > 0
-        self.sends: list = []
 
     def train(self, micro_batches: list[tuple[Tensor, Tensor, Tensor]], states: list[RecurrentState], loss_scale: float):
         """Forward and backward of every micro-batch's segment; gradients are left in .grad."""
         scores, states[:] = self.run(micro_batches, states, loss_scale)
         relative = self.stage.core.relative
-        if relative is not None:
+        if relative is not None:  # read by the layers of every stage: sum its gradient
             if relative.grad is None:
                 relative.grad = torch.zeros_like(relative)
             dist.all_reduce(relative.grad, group=parallel_state.get_pipeline_model_parallel_group())
         return scores
 
     def run(self, micro_batches, states, loss_scale: float | None) -> tuple[list[Scores | None], list[RecurrentState]]:
+        """Scores (last stage) and new states of the micro-batches; with a loss scale, also backward."""
         layout, training = self.layout, loss_scale is not None
-        self.loss_scale = loss_scale
+        self.loss_scale, self.sent = loss_scale, []
         self.steps = self.schedule.count(micro_batches[0][0].shape[1])
         with torch.set_grad_enabled(training):
             micros = [self._start(g, *batch, state) for g, (batch, state) in enumerate(zip(micro_batches, states))]
-            for action in _plan(layout.pp, len(micros), self.steps, training, layout.pp_rank):
+            plan = _plan(layout.pp, len(micros), self.steps, training, layout.pp_rank)
+            last_forward = max(i for i, action in enumerate(plan) if action.phase == "F")
+            for i, action in enumerate(plan):
+                recvs, sends = wavefront.transfers(action, layout.pp, self.steps, self.cached)
+                micro = micros[action.micro]
                 if action.phase == "F":
-                    self._forward(micros[action.micro], action.step)
+                    self._forward(micro, action.step, recvs, sends)
                 else:
-                    self._backward(micros[action.micro], action.step)
-            for micro in micros:
-                if micro.result is None:
-                    self._advance(micro, self.steps - 1)
-        for handle in self.sends:
+                    self._backward(micro, action.step, recvs, sends)
+                if i == last_forward:
+                    self._finish_forward(micros)
+        for handle in self.sent:
             handle.wait()
-        self.sends = []
         return [m.scores for m in micros], [m.state for m in micros]
 
     # -- one micro-batch's generator ------------------------------------------------------------
 
     def _start(self, index: int, tokens: Tensor, doc_start: Tensor, targets: Tensor, state: RecurrentState) -> MicroBatch:
-        cfg = self.stage.cfg
         pos, doc, key_doc = segment_layout(tokens, doc_start, state, self.stage.pad_id)
         micro = MicroBatch(index, None, tokens, targets, RecurrentState(state.position + tokens.shape[1], doc[:, -1], {}))
         if self.layout.first_stage:
@@ -143,34 +142,35 @@ class PipelineRunner:
             micro.embedded_leaf = micro.embedded.detach().requires_grad_(torch.is_grad_enabled())
             x = micro.embedded_leaf
         else:  # only shapes the schedule's query rows, which this stage receives instead
-            x = torch.zeros(*tokens.shape, cfg.d_model, device=tokens.device)
+            x = torch.zeros(*tokens.shape, self.stage.cfg.d_model, device=tokens.device)
         micro.steps = self.schedule.steps(x, pos, key_doc, state.rows)
         micro.call = next(micro.steps)
         return micro
 
-    def _advance(self, micro: MicroBatch, step: int) -> None:
-        """Hand call `step`'s top rows and this stage's layer inputs back to the generator."""
-        last = self.layout.last_stage
-        if last:
+    def _advance(self, micro: MicroBatch, step: int, received_top: Tensor | None = None) -> None:
+        """Hand call `step`'s top rows (as a leaf) and this stage's layer inputs to the generator."""
+        if self.layout.last_stage:
             top = micro.outputs[step].detach()
-        elif self._receives_top(self.layout.pp_rank, step):
-            top = self._recv(micro.call.queries.shape, self.stage_ranks[-1], TOP, micro, step)
+        elif received_top is not None:
+            top = received_top
         else:
-            top = torch.zeros_like(micro.call.queries)  # this stage never reads the top rows
+            top = torch.zeros_like(micro.call.queries)  # this stage never reads these top rows
         micro.tops[step] = top.requires_grad_(torch.is_grad_enabled())
         try:
             micro.call = micro.steps.send((micro.tops[step], micro.layer_inputs.pop(step)))
         except StopIteration as finished:
             micro.result = finished.value
             micro.state.rows = micro.result[1]
-            if last:
+            if self.layout.last_stage:
                 self._score(micro)
 
-    def _receives_top(self, stage: int, step: int) -> bool:
-        """Whether `stage` needs the real top rows of `step` from the last stage."""
-        if stage == self.layout.pp - 1:
-            return False
-        return self.cached or (stage == 0 and step < self.steps - 1)
+    def _finish_forward(self, micros: list[MicroBatch]) -> None:
+        """End every micro-batch's generator with its last call's top rows."""
+        for transfer in wavefront.closing_transfers(self.layout.pp_rank, self.layout.pp, len(micros), self.steps, self.cached):
+            self._advance(micros[transfer.micro], self.steps - 1, self._recv(transfer, micros[transfer.micro]))
+        for micro in micros:
+            if micro.result is None:
+                self._advance(micro, self.steps - 1)
 
     def _score(self, micro: MicroBatch) -> None:
         finals = micro.result[0]
@@ -181,61 +181,58 @@ class PipelineRunner:
 
     # -- actions ----------------------------------------------------------------------------------
 
-    def _forward(self, micro: MicroBatch, step: int) -> None:
-        layout = self.layout
+    def _forward(self, micro: MicroBatch, step: int, recvs: list, sends: list) -> None:
+        """Receives, in the order of `recvs`: the previous call's top rows, then the input rows."""
+        top = [self._recv(t, micro) for t in recvs if t.kind == wavefront.TOP]
         if step > 0:
-            self._advance(micro, step - 1)
+            self._advance(micro, step - 1, *top)
         call = micro.call
-        if layout.first_stage:
+        if self.layout.first_stage:
             rows = call.queries
         else:
-            rows = self._recv(call.queries.shape, self.stage_ranks[layout.pp_rank - 1], ACTIVATION, micro, step)
-            rows.requires_grad_(torch.is_grad_enabled())
+            (transfer,) = [t for t in recvs if t.kind == wavefront.ACTIVATION]
+            rows = self._recv(transfer, micro).requires_grad_(torch.is_grad_enabled())
         out, micro.layer_inputs[step] = self.stage.core(rows, call.pos, call.doc, call.context)
         micro.inputs[step], micro.outputs[step] = rows, out
-        if layout.last_stage:
-            for stage in range(layout.pp - 1):
-                if self._receives_top(stage, step):
-                    self._send(out, self.stage_ranks[stage], TOP, micro, step)
-            if step == self.steps - 1:
-                self._advance(micro, step)
-        else:
-            self._send(out, self.stage_ranks[layout.pp_rank + 1], ACTIVATION, micro, step)
+        for transfer in sends:
+            self._send(out, transfer)
+        if self.layout.last_stage and step == self.steps - 1:
+            self._advance(micro, step)
 
-    def _backward(self, micro: MicroBatch, step: int) -> None:
-        layout = self.layout
-        if micro.result is None:
-            self._advance(micro, self.steps - 1)
+    def _backward(self, micro: MicroBatch, step: int, recvs: list, sends: list) -> None:
+        grads = [self._recv(t, micro) for t in recvs]
         out = micro.outputs.pop(step)
-        if layout.last_stage:
-            grad = _grad_or_zeros(micro.tops[step])
-            for stage in range(layout.pp - 1):
-                if step < self.steps - 1 and self._receives_top(stage, step):
-                    grad = grad + self._recv(out.shape, self.stage_ranks[stage], TOP_GRADIENT, micro, step)
+        if self.layout.last_stage:
+            grad = sum(grads, _grad_or_zeros(micro.tops[step]))  # the head's and the stages' uses
         else:
-            grad = self._recv(out.shape, self.stage_ranks[layout.pp_rank + 1], GRADIENT, micro, step)
+            (grad,) = grads
         torch.autograd.backward(out, grad)
         rows = micro.inputs.pop(step)
-        if not layout.first_stage:
-            self._send(_grad_or_zeros(rows), self.stage_ranks[layout.pp_rank - 1], GRADIENT, micro, step)
-        if not layout.last_stage and step > 0 and self._receives_top(layout.pp_rank, step - 1):
-            # Every use of top rows step-1 on this stage is in calls >= step: their gradient is complete.
-            self._send(_grad_or_zeros(micro.tops[step - 1]), self.stage_ranks[-1], TOP_GRADIENT, micro, step - 1)
-        if layout.first_stage and step == 0:
+        for transfer in sends:
+            leaf = rows if transfer.kind == wavefront.GRADIENT else micro.tops[step - 1]
+            self._send(_grad_or_zeros(leaf), transfer)
+        if self.layout.first_stage and step == 0:
             micro.embedded.backward(_grad_or_zeros(micro.embedded_leaf))
 
     # -- point to point ---------------------------------------------------------------------------
 
-    def _tag(self, kind: int, micro: MicroBatch, step: int) -> int:
-        return (kind * 4096 + micro.index) * 4096 + step
+    def _send(self, tensor: Tensor, transfer: wavefront.Transfer) -> None:
+        self.sent.append(dist.isend(tensor.detach().contiguous(), self.stage_ranks[transfer.dst], tag=_tag(transfer)))
 
-    def _send(self, tensor: Tensor, rank: int, kind: int, micro: MicroBatch, step: int) -> None:
-        self.sends.append(dist.isend(tensor.detach().contiguous(), rank, tag=self._tag(kind, micro, step)))
-
-    def _recv(self, shape, rank: int, kind: int, micro: MicroBatch, step: int) -> Tensor:
+    def _recv(self, transfer: wavefront.Transfer, micro: MicroBatch) -> Tensor:
+        if transfer.kind in (wavefront.ACTIVATION, wavefront.TOP):
+            shape = micro.call.queries.shape  # the call in progress, or the one whose top rows these are
+        else:
+            shape = micro.outputs[transfer.step].shape
         buffer = torch.empty(shape, device=micro.tokens.device)
-        dist.recv(buffer, rank, tag=self._tag(kind, micro, step))
+        dist.recv(buffer, self.stage_ranks[transfer.src], tag=_tag(transfer))
         return buffer
+
+
+def _tag(transfer: wavefront.Transfer) -> int:
+    """Unique per message of a step (gloo matches by tag; the order also matches, as NCCL needs)."""
+    kinds = (wavefront.ACTIVATION, wavefront.GRADIENT, wavefront.TOP, wavefront.TOP_GRADIENT)
+    return (kinds.index(transfer.kind) * 4096 + transfer.micro) * 4096 + transfer.step
 
 
 def _grad_or_zeros(leaf: Tensor) -> Tensor:

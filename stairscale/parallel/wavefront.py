@@ -104,3 +104,60 @@ def forward_bubble_fraction(stages: int, micro_batches: int, steps: int) -> floa
     Busy slots are S*G per stage either way."""
     length = steps * max(micro_batches, stages) + min(micro_batches, stages) - 1
     return 1 - steps * micro_batches / length
+
+
+# -- what travels between the stages ---------------------------------------------------------------
+
+ACTIVATION, GRADIENT, TOP, TOP_GRADIENT = "activation", "gradient", "top", "top gradient"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    kind: str
+    micro: int
+    step: int  # the core call the tensor belongs to
+    src: int  # stages
+    dst: int
+
+
+def receives_top(stage: int, step: int, stages: int, steps: int, cached: bool) -> bool:
+    """Whether `stage` needs the last stage's top rows of `step`: the first stage for the next
+    call's queries, every stage when the schedule keeps a cache of final rows."""
+    if stage == stages - 1:
+        return False
+    return cached or (stage == 0 and step < steps - 1)
+
+
+def transfers(action: Action, stages: int, steps: int, cached: bool) -> tuple[list[Transfer], list[Transfer]]:
+    """What `action` receives before it computes, and what it sends after."""
+    p, g, s, last = action.stage, action.micro, action.step, stages - 1
+    tops = [q for q in range(last) if receives_top(q, s, stages, steps, cached)]
+    recvs, sends = [], []
+    if action.phase == "F":
+        if s > 0 and receives_top(p, s - 1, stages, steps, cached):
+            recvs.append(Transfer(TOP, g, s - 1, last, p))  # the previous call's top rows
+        if p > 0:
+            recvs.append(Transfer(ACTIVATION, g, s, p - 1, p))
+        if p < last:
+            sends.append(Transfer(ACTIVATION, g, s, p, p + 1))
+        else:
+            sends += [Transfer(TOP, g, s, p, q) for q in tops]
+        return recvs, sends
+    if p < last:
+        recvs.append(Transfer(GRADIENT, g, s, p + 1, p))
+    elif s < steps - 1:
+        # Every use of these top rows is in calls > s, whose backward is done on every stage.
+        recvs += [Transfer(TOP_GRADIENT, g, s, q, p) for q in tops]
+    if p > 0:
+        sends.append(Transfer(GRADIENT, g, s, p, p - 1))
+    if s > 0 and receives_top(p, s - 1, stages, steps, cached):
+        sends.append(Transfer(TOP_GRADIENT, g, s - 1, p, last))
+    return recvs, sends
+
+
+def closing_transfers(stage: int, stages: int, micro_batches: int, steps: int, cached: bool) -> list[Transfer]:
+    """The last call's top rows (the cache carried out of the segment), received after the
+    stage's last forward action."""
+    if not receives_top(stage, steps - 1, stages, steps, cached):
+        return []
+    return [Transfer(TOP, g, steps - 1, stages - 1, stage) for g in range(micro_batches)]
