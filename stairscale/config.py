@@ -153,7 +153,7 @@ class DataConfig:
 class TrainConfig:
     lanes: int = 32  # B: lanes per step (global batch)
     segment_len: int = 64  # M: tokens per lane per step
-    grad_accum: int = 1  # lanes are split into this many micro-batches per step
+    grad_accum: int = 1  # each rank's lanes are split into this many micro-batches (pipeline: the wavefront's micro-batches)
     steps: int = 2000
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio

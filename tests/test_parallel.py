@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from stairscale.cli import evaluate_run
 from stairscale.config import ConfigError, load_config
 from stairscale.parallel.pipeline import stage_layers
 from stairscale.train.trainer import Trainer
@@ -163,6 +164,9 @@ def test_launchers_run_a_layout_from_the_config_and_record_it(launcher, config, 
     assert layout["launcher"] == launcher and layout["world"] == 2
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["parallel"] == load_config(config, overrides).to_dict()["parallel"]
     assert_same_training(read_run(tmp_path / "run"), single["staircase"], f"{launcher} {' '.join(overrides)}")
+    # The parallel run's own test score equals one process scoring its gathered checkpoint.
+    parallel_test = json.loads((tmp_path / "run" / "results.json").read_text())["test"]
+    assert evaluate_run(str(tmp_path / "run"), "test")["loss"] == pytest.approx(parallel_test["loss"], rel=TOL)
 
 
 def test_unsupported_layouts_are_refused_with_the_reason(config):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from stairscale.config import ConfigError, ParallelConfig
+from stairscale.config import ConfigError, ParallelConfig, RunConfig
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,15 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
         dp_rank=parallel_state.get_data_parallel_rank(),
         launcher=launcher,
     )
+
+
+def check_batch(cfg: RunConfig, layout: Layout) -> None:
+    """The global batch must split evenly into data-parallel ranks and their micro-batches."""
+    t = cfg.train
+    if t.lanes % layout.dp:
+        raise ConfigError(f"train.lanes: {t.lanes} lanes do not split over {layout.dp} data-parallel ranks")
+    if (t.lanes // layout.dp) % t.grad_accum:
+        raise ConfigError(f"train.grad_accum: {t.grad_accum} micro-batches do not divide the {t.lanes // layout.dp} lanes of each rank")
 
 
 def shutdown() -> None:

@@ -23,7 +23,7 @@ from stairscale.data.tasks import IGNORE
 from stairscale.model.lm import StaircaseLM
 from stairscale.model.provider import Scores
 from stairscale.parallel import collectives
-from stairscale.parallel.groups import Layout, init_distributed
+from stairscale.parallel.groups import Layout, check_batch, init_distributed
 from stairscale.parallel.model import build_model, full_state_dict
 from stairscale.train.checkpoint import save_checkpoint
 from stairscale.train.metrics import Tally, headline
@@ -111,6 +111,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg)
         self.layout = init_distributed(cfg.parallel, self.device)
+        check_batch(cfg, self.layout)
         self.quiet = quiet or not self.layout.reports
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
