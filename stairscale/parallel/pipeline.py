@@ -36,6 +36,7 @@ from stairscale.model.state import RecurrentState
 from stairscale.parallel import wavefront
 from stairscale.parallel.groups import Layout
 
+
 def stage_layers(n_layers: int, stages: int, stage: int) -> range:
     """Contiguous layers of one stage; earlier stages take the remainder."""
     bounds = [sum(n_layers // stages + (i < n_layers % stages) for i in range(k)) for k in range(stages + 1)]
