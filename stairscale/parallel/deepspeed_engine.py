@@ -47,7 +47,7 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
     return {
         "train_micro_batch_size_per_gpu": t.lanes // layout.dp // micro_batches,
         "gradient_accumulation_steps": micro_batches,
-        # ZeRO-0 clips in DeepSpeedOptimizer.step, which keeps the norm for the logs.
+        # ZeRO-0 clips in DeepSpeedOptimizer.step (clip_gradients), which keeps the norm for the logs.
         "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,  # torch's AdamW, as in the single-process run
@@ -91,8 +91,26 @@ class DeepSpeedOptimizer:
             self.engine.allreduce_gradients()
         norm = None
         if self.cfg.parallel.zero_stage == 0:
-            from deepspeed.runtime.utils import clip_grad_norm_
-
-            norm = clip_grad_norm_(list(self.engine.module.parameters()), self.cfg.train.grad_clip or float("inf"), mpu=MegatronGroups())
+            norm = clip_gradients(list(self.engine.module.parameters()), self.cfg.train.grad_clip)
         self.engine.step()
         return float(norm if norm is not None else self.engine.get_global_grad_norm())
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
+    """ZeRO-0's clipping (ZeRO 1-3 clip inside DeepSpeed by the same rule): the norm of the whole
+    model's gradient, counting a tensor-parallel shard on its rank, a replicated tensor on tensor
+    rank 0, and the pipeline-replicated relative table on the first stage only."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    squares = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        counted = getattr(p, "tensor_model_parallel", False) or tp_rank == 0
+        if p.grad is not None and counted and not getattr(p, "ds_pipe_replicated", False):
+            squares += p.grad.detach().double().pow(2).sum().cpu()
+    torch.distributed.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+    norm = float(squares.sqrt())
+    if max_norm and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm

@@ -12,9 +12,9 @@ only the tensors differ:
 
 Each call's graph is cut at its inputs: received activations, top rows and the embeddings become
 leaf tensors, so a call's backward is one `torch.autograd.backward` on one stage, and the leaves'
-gradients are what travel back. The order of the actions on each stage comes from the pure
-wavefront schedule (parallel/wavefront.py); sends are asynchronous and receives block, and since
-every receive waits for an action of an earlier slot, the launch cannot deadlock.
+gradients are what travel back. The order of the actions on each stage, and what each action
+receives and sends, come from the pure wavefront module (parallel/wavefront.py), whose tests show
+that every message arrives in order and no stage waits forever.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from stairscale.config import ModelConfig
 from stairscale.model.core import Core
 from stairscale.model.lm import segment_layout
 from stairscale.model.provider import LayerProvider, Scores
-from stairscale.model.schedules import CoreCall, make_schedule
+from stairscale.model.schedules import CoreCall, Steps, make_schedule
 from stairscale.model.state import RecurrentState
 from stairscale.parallel import wavefront
 from stairscale.parallel.groups import Layout
@@ -75,7 +75,7 @@ class MicroBatch:
     """One micro-batch's schedule generator and what its actions leave for later ones."""
 
     index: int  # position among the step's micro-batches: the same on every stage
-    steps: object  # the schedule generator
+    steps: Steps  # the schedule's generator of core calls
     tokens: Tensor
     targets: Tensor
     state: RecurrentState

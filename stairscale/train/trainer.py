@@ -130,7 +130,7 @@ class Trainer:
             (self.run_dir / "layout.json").write_text(json.dumps(dataclasses.asdict(self.layout), indent=2))
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.curve: list[dict] = []
-        self.step_losses: list[float] = []
+        self.history: list[dict] = []  # loss and gradient norm of every step
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -144,7 +144,7 @@ class Trainer:
         for step, batch, states in self._batches():
             lr = learning_rate(self.cfg, step)
             loss, grad_norm = self._train_step(batch, states, lr, progress.window)
-            self.step_losses.append(loss)
+            self.history.append({"loss": loss, "grad_norm": grad_norm})
             done = step + 1
             progress.tokens += batch.tokens.numel() * self.layout.dp
             if done % t.log_every == 0 or done == t.steps:
@@ -222,7 +222,7 @@ class Trainer:
             results["test_error_by_position"] = test.error_by_position(bucket=32)
         results.update(self._facts())
         results["curve"] = self.curve
-        results["step_losses"] = self.step_losses
+        results["steps"] = self.history
         self.log(f"test: {headline(results['test'])} (loss {results['test']['loss']:.4f})")
         weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)
         if self.layout.reports:
