@@ -9,6 +9,7 @@ and every layout computes what the single-process run computes.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -64,6 +65,7 @@ class DeepSpeedOptimizer:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines come from every rank
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         self.cfg = cfg
         self.pipeline = layout.pp > 1

@@ -93,9 +93,15 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
     launcher, rank, world = launch_environment()
     model_parallel = cfg.tensor * cfg.pipeline
     if world % model_parallel:
-        raise ConfigError(f"parallel.tensor x parallel.pipeline = {model_parallel} does not divide the world size {world}")
+        raise ConfigError(
+            f"parallel.tensor x parallel.pipeline = {model_parallel} does not divide the world size {world} "
+            "(start one process per rank with a launcher from launch/)"
+        )
     if world == 1 and cfg.zero_stage == 0:
         return Layout()
+    # megatron-core's tensor-parallel linears overlap their gradient all-reduce with compute when
+    # CUDA runs kernels in launch order (its recommended setting; read before CUDA starts).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_rendezvous_address()[1]) if world == 1 else "29500")
     if not dist.is_initialized():
