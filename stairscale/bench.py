@@ -69,3 +69,35 @@ def bench_data(cfg: RunConfig, seconds: float) -> dict:
         f"{train / 1e3:.1f} k tokens/s | loader / train = {loader_rate / train:.1f}x"
     )
     return result
+
+
+def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int) -> list[dict] | None:
+    """Seconds per train step of the config's layout with each number of pipeline micro-batches
+    (same global batch, so the same work), beside the speed-up the wavefront's unit-time model
+    predicts over one micro-batch. Run it under a launcher with the config's world size."""
+    import dataclasses
+    import tempfile
+
+    from stairscale.parallel.wavefront import schedule
+    from stairscale.train.trainer import Trainer
+
+    rows = []
+    for count in [micro_batches[0], *micro_batches]:  # the first run pays for start-up and is dropped
+        run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count, steps=steps, eval_every=0,
+                                                                  log_every=steps), run_dir=tempfile.mkdtemp())
+        trainer = Trainer(run, quiet=True)
+        seconds = trainer.train()["train_seconds"] / steps
+        calls = trainer.model.runner.schedule.count(cfg.train.segment_len) if cfg.parallel.pipeline > 1 else 1
+        slots = len(schedule(cfg.parallel.pipeline, count, calls).slots) / count  # in units of one micro-batch's action
+        rows.append({"micro_batches": count, "seconds_per_step": seconds, "model_slots": slots, "layout": trainer.layout})
+    rows = rows[1:]
+    base = rows[0]
+    if not base["layout"].reports:
+        return None
+    print(f"{base['layout'].describe()}; {cfg.model.schedule}, {cfg.train.lanes} lanes x {cfg.train.segment_len}, {steps} steps each")
+    for row in rows:
+        measured = base["seconds_per_step"] / row["seconds_per_step"]
+        predicted = base["model_slots"] / row["model_slots"]
+        print(f"micro-batches {row['micro_batches']}: {row['seconds_per_step'] * 1e3:.1f} ms/step | "
+              f"speed-up over {base['micro_batches']}: measured {measured:.2f}x, unit-time model {predicted:.2f}x")
+    return rows

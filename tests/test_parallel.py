@@ -178,6 +178,15 @@ def test_launchers_run_a_layout_from_the_config_and_record_it(launcher, config, 
     assert evaluate_run(str(tmp_path / "run"), "test")["loss"] == pytest.approx(parallel_test["loss"], rel=TOL)
 
 
+def test_pipeline_benchmark_compares_micro_batch_counts(config, tmp_path):
+    done = subprocess.run(torchrun(2, "-m", "stairscale.cli", "bench", "pipeline", "--config", str(config),
+                                   "--set", "parallel.pipeline=2", "--steps", "2", "--micro-batches", "1,2"),
+                          capture_output=True, text=True, env=env(), timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("micro-batches")]
+    assert len(lines) == 2 and "unit-time model 1.00x" in lines[0] and "unit-time model 1.82x" in lines[1]  # S = 5 calls: 20 slots vs 22/2, done.stdout
+
+
 def test_unsupported_layouts_are_refused_with_the_reason(config):
     with pytest.raises(ConfigError, match="parallel.zero_stage: ZeRO-2 .* pipeline"):
         load_config(config, ["parallel.pipeline=2", "parallel.zero_stage=2"])
