@@ -125,9 +125,12 @@ def test_data_parallel_with_every_zero_stage_and_gradient_accumulation(config, s
 
 
 def test_data_and_tensor_parallel_with_every_zero_stage(config, single, tmp_path):
-    got = launch_runs(4, config, tmp_path, {f"zero{z}": ["parallel.tensor=2", f"parallel.zero_stage={z}"] for z in range(4)})
+    runs = {f"zero{z}": ["parallel.tensor=2", f"parallel.zero_stage={z}"] for z in range(4)}
+    runs["zero3_cached_relative"] = [*runs["zero3"], *SCHEDULES["cached_relative"]]
+    got = launch_runs(4, config, tmp_path, runs)
     for z in range(4):
         assert_same_training(got[f"zero{z}"], single["staircase"], f"dp2 x tp2 zero{z}")
+    assert_same_training(got["zero3_cached_relative"], single["cached_relative"], "dp2 x tp2 zero3 cached relative")
 
 
 def test_pipeline_with_data_or_tensor_parallel(config, single, tmp_path):
