@@ -19,7 +19,6 @@ class StaircaseLM(nn.Module):
         super().__init__()
         layers = layers or LayerProvider()
         self.cfg = cfg
-        self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.embed = layers.embedding(vocab_size, cfg.d_model)
         self.core = Core(cfg, layers)

@@ -54,7 +54,6 @@ class VocabParallelHead(nn.Module):
     def __init__(self, d_model: int, vocab_size: int, config: ModelParallelConfig):
         super().__init__()
         tp = config.tensor_model_parallel_size
-        self.vocab_size = vocab_size
         self.norm = nn.LayerNorm(d_model, eps=1e-5)
         self.proj = ColumnLinear(d_model, padded_vocab(vocab_size, tp), config=config, init_method=_skip_init, bias=True)
         local = self.proj.output_size_per_partition
