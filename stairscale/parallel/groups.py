@@ -10,6 +10,7 @@ tensor, pipeline and data-parallel groups come from megatron-core's `parallel_st
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class Layout:
         return f"world {self.world} = dp {self.dp} x tp {self.tp} x pp {self.pp} ({self.launcher})"
 
 
+@functools.cache  # the MPI branch sets RANK for later readers; ask once per process
 def launch_environment() -> tuple[str, int, int]:
     """(launcher, rank, world size) of this process, read from what the launcher set."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -113,6 +115,10 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(cfg.tensor, cfg.pipeline)
+    built = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
+    if built != (cfg.tensor, cfg.pipeline):
+        raise ConfigError(f"parallel: this process already has groups for tensor {built[0]} x pipeline {built[1]}; "
+                          "one process trains one layout")
     return Layout(
         world=world,
         rank=rank,
