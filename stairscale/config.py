@@ -20,6 +20,16 @@ class ConfigError(ValueError):
     """A config value is unknown, of the wrong type, or impossible; the message names the key."""
 
 
+def _checker(section: str):
+    """need(ok, key, why): raise ConfigError naming `section.key` unless ok."""
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{section}.{key}: {why}")
+
+    return need
+
+
 @dataclass
 class ModelConfig:
     schedule: str = "staircase"  # one of SCHEDULES
@@ -46,9 +56,7 @@ class ModelConfig:
         return self.repeats
 
     def validate(self, segment_len: int) -> None:
-        def need(ok: bool, key: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"model.{key}: {why}")
+        need = _checker("model")
 
         need(self.schedule in SCHEDULES, "schedule", f"{self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         need(self.positions in ("relative", "rope"), "positions", f"{self.positions!r} is not relative or rope")
@@ -173,9 +181,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads, 0 = torch's default
 
     def validate(self) -> None:
-        def need(ok: bool, key: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"train.{key}: {why}")
+        need = _checker("train")
 
         for key in ("lanes", "segment_len", "grad_accum", "steps"):
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
@@ -202,9 +208,7 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
 
     def validate(self, model: ModelConfig) -> None:
-        def need(ok: bool, key: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"parallel.{key}: {why}")
+        need = _checker("parallel")
 
         need(self.tensor >= 1 and self.pipeline >= 1, "tensor" if self.tensor < 1 else "pipeline", "must be >= 1")
         need(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")

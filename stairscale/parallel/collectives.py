@@ -10,9 +10,11 @@ from stairscale.train.metrics import Tally
 
 
 def _data_parallel_group():
+    """megatron-core's gloo copy of the data-parallel group: these are small host-side values, and
+    an nccl group would need them on the GPU."""
     from megatron.core import parallel_state
 
-    return parallel_state.get_data_parallel_group()
+    return parallel_state.get_data_parallel_group_gloo()
 
 
 def sum_over_data_parallel(value: int | float, layout: Layout) -> int | float:

@@ -103,11 +103,11 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     model's gradient, counting a tensor-parallel shard on its rank, a replicated tensor on tensor
     rank 0, and the pipeline-replicated relative table on the first stage only."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    squares = torch.zeros((), dtype=torch.float64)
+    squares = torch.zeros((), dtype=torch.float64, device=params[0].device)  # nccl reduces device tensors
     for p in params:
         counted = getattr(p, "tensor_model_parallel", False) or tp_rank == 0
         if p.grad is not None and counted and not getattr(p, "ds_pipe_replicated", False):
-            squares += p.grad.detach().double().pow(2).sum().cpu()
+            squares += p.grad.detach().double().pow(2).sum()
     torch.distributed.all_reduce(squares, group=parallel_state.get_model_parallel_group())
     norm = float(squares.sqrt())
     if max_norm and norm > max_norm:

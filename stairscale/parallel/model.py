@@ -24,30 +24,17 @@ def build_model(cfg: RunConfig, vocab_size: int, pad_id: int, layout: Layout) ->
     full = StaircaseLM(cfg.model, vocab_size, pad_id)
     if layout.tp == 1 and layout.pp == 1:
         return full
-    layers = None
-    if layout.tp > 1:
-        from stairscale.parallel.tensor import TensorParallelLayers
+    from stairscale.parallel.tensor import TensorParallelLayers, load_shards
 
-        layers = TensorParallelLayers(layout.tp)
+    layers = TensorParallelLayers(layout.tp) if layout.tp > 1 else None
     if layout.pp > 1:
         from stairscale.parallel.pipeline import PipelineStage
 
         model = PipelineStage(cfg.model, vocab_size, pad_id, layout, layers)
     else:
         model = StaircaseLM(cfg.model, vocab_size, pad_id, layers)
-    load_full_state(model, full.state_dict(), layout)
+    load_shards(model, full.state_dict())  # a plain copy of every tensor that is not sharded
     return model
-
-
-@torch.no_grad()
-def load_full_state(model: nn.Module, full_state: dict[str, torch.Tensor], layout: Layout) -> None:
-    if layout.tp > 1:
-        from stairscale.parallel.tensor import load_shards
-
-        load_shards(model, full_state)
-    else:
-        for name, param in model.named_parameters():
-            param.copy_(full_state[name])
 
 
 def full_state_dict(model: nn.Module, cfg: RunConfig, vocab_size: int, pad_id: int, layout: Layout) -> dict[str, torch.Tensor]:
@@ -56,15 +43,13 @@ def full_state_dict(model: nn.Module, cfg: RunConfig, vocab_size: int, pad_id: i
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in StaircaseLM(cfg.model, vocab_size, pad_id).named_parameters()}
     params = dict(model.named_parameters())
-    state = {}
+    if layout.tp > 1:
+        from stairscale.parallel.tensor import gather_shard
+    else:
+        def gather_shard(param, shape):
+            return param.detach().clone()
     with _zero3_gathered(list(params.values())):
-        for name, param in params.items():
-            if layout.tp > 1:
-                from stairscale.parallel.tensor import gather_shard
-
-                state[name] = gather_shard(param, shapes[name]).cpu()
-            else:
-                state[name] = param.detach().clone().cpu()
+        state = {name: gather_shard(param, shapes[name]).cpu() for name, param in params.items()}
     if layout.pp > 1:
         from megatron.core import parallel_state
 

@@ -112,7 +112,8 @@ def is_sharded(param: Tensor) -> bool:
 
 @torch.no_grad()
 def load_shards(model: nn.Module, full_state: dict[str, Tensor]) -> None:
-    """Copy this rank's shard of every single-device tensor into the tensor-parallel model."""
+    """Copy this rank's shard of every single-device tensor into the model (whole tensors where
+    a parameter is not sharded, as in a pipeline stage without tensor parallelism)."""
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     for name, param in model.named_parameters():
         full = full_state[name]
