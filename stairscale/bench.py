@@ -1,5 +1,6 @@
-"""`stairscale bench data`: is the loader ever the bottleneck? Loader tokens/s beside the train
-step's tokens/s for the same config, measured in the same run."""
+"""Benchmarks, each printing a ratio against a baseline measured in the same run:
+`bench data` (loader vs train step), `bench step` (compile modes vs eager, and what an eager step
+dispatches), `bench pipeline` (pipeline micro-batches)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,100 @@ def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int) -> list
         print(f"micro-batches {row['micro_batches']}: {row['seconds_per_step'] * 1e3:.1f} ms/step | "
               f"speed-up over {base['micro_batches']}: measured {measured:.2f}x, unit-time model {predicted:.2f}x")
     return rows
+
+
+class _OpCounter:
+    """Counts the aten operations dispatched (on a GPU, about one kernel launch each)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += 1
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def bench_step(cfg: RunConfig, modes: list[str], steps: int, warmup: int) -> list[dict]:
+    """Milliseconds per train step of the config with each train.compile mode, after `warmup` steps
+    that pay for compilation, beside eager ("none") measured in the same run. For eager it also
+    counts the operations one step dispatches and, on a GPU, the times the host waits for the device."""
+    import dataclasses
+    import tempfile
+
+    from stairscale.train.metrics import Tally
+    from stairscale.train.trainer import Trainer, learning_rate
+
+    rows = []
+    for mode in ["none", *[m for m in modes if m != "none"]]:
+        run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=mode, steps=warmup + steps + 1),
+                                  run_dir=tempfile.mkdtemp())
+        trainer = Trainer(run, quiet=True)
+        tally = Tally.for_dataset(trainer.dataset)
+        batches = trainer.batches()
+
+        def step():
+            index, batch, states = next(batches)
+            trainer.train_step(batch, states, learning_rate(run, index), tally)
+
+        for _ in range(warmup):
+            step()
+        _synchronize(trainer.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _synchronize(trainer.device)
+        row = {"compile": mode, "ms_per_step": (time.perf_counter() - started) / steps * 1e3}
+        if mode == "none":
+            with _OpCounter() as counter, _SyncCounter(trainer.device) as syncs:
+                step()
+            row.update(ops_per_step=counter.ops, host_waits_per_step=syncs.count)
+        rows.append(row)
+    base = rows[0]["ms_per_step"]
+    m, t = cfg.model, cfg.train
+    print(f"{m.schedule}, {t.lanes} lanes x {t.segment_len} tokens, {resolve_device(cfg)}; {steps} steps after {warmup} warm-up steps")
+    for row in rows:
+        extra = ""
+        if "ops_per_step" in row:
+            waits = row["host_waits_per_step"]
+            extra = f" | {row['ops_per_step']} ops dispatched" + ("" if waits is None else f", host waits for the device {waits}x")
+        print(f"compile {row['compile']}: {row['ms_per_step']:.1f} ms/step | speed-up over eager {base / row['ms_per_step']:.2f}x{extra}")
+    return rows
+
+
+class _SyncCounter:
+    """Counts the host's waits for a CUDA device in a block (CUDA's sync debug mode); None elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.count = None
+
+    def __enter__(self):
+        if self.cuda:
+            import warnings
+
+            self.catcher = warnings.catch_warnings(record=True)
+            self.caught = self.catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+            self.catcher.__exit__(*exc)
+            self.count = sum("synchroniz" in str(w.message) for w in self.caught)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()

@@ -29,12 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--out", required=True, help="dataset directory to write")
 
     bench = commands.add_parser("bench", help="measure a part of the system")
-    bench.add_argument("what", choices=["data", "pipeline"], help="data: loader vs train step; pipeline: micro-batches (under a launcher)")
+    bench.add_argument("what", choices=["data", "step", "pipeline"],
+                       help="data: loader vs train step; step: compile modes vs eager; pipeline: micro-batches (under a launcher)")
     bench.add_argument("--config", help="YAML run config")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--seconds", type=float, default=10.0, help="data: time spent on each measurement")
     bench.add_argument("--micro-batches", default="1,2,4", help="pipeline: micro-batch counts to compare (the first is the baseline)")
-    bench.add_argument("--steps", type=int, default=20, help="pipeline: train steps per measurement")
+    bench.add_argument("--steps", type=int, default=20, help="step, pipeline: train steps per measurement")
+    bench.add_argument("--warmup", type=int, default=10, help="step: steps before each measurement (they pay for compilation)")
+    bench.add_argument("--compile", default="default", help="step: compile modes to compare with eager, comma-separated")
 
     reproduce = commands.add_parser("reproduce", help="rerun an experiment of the paper")
     reproduce.add_argument("experiment", choices=["tracking"])
@@ -57,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             for split, info in manifest["splits"].items():
                 print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")
         elif args.command == "bench":
-            from stairscale.bench import bench_data, bench_pipeline
+            from stairscale.bench import bench_data, bench_pipeline, bench_step
 
             cfg = load_config(args.config, args.set)
             if args.what == "data":
                 bench_data(cfg, args.seconds)
+            elif args.what == "step":
+                bench_step(cfg, args.compile.split(","), args.steps, args.warmup)
             else:
                 bench_pipeline(cfg, [int(n) for n in args.micro_batches.split(",")], args.steps)
         elif args.command == "eval":

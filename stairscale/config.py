@@ -157,6 +157,9 @@ class DataConfig:
             raise ConfigError("data.prefetch: must be >= 1")
 
 
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     lanes: int = 32  # B: lanes per step (global batch)
@@ -179,6 +182,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     threads: int = 0  # torch CPU threads, 0 = torch's default
+    compile: str = "none"  # none | a torch.compile mode for every core call: default | reduce-overhead | max-autotune-no-cudagraphs
 
     def validate(self) -> None:
         need = _checker("train")
@@ -190,6 +194,7 @@ class TrainConfig:
         need(self.lr_schedule in ("cosine", "constant"), "lr_schedule", f"{self.lr_schedule!r} is not cosine or constant")
         need(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", f"{self.precision!r} is not auto, fp32 or bf16")
+        need(self.compile in COMPILE_MODES, "compile", f"{self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
         need(self.warmup_steps >= 0 and self.grad_clip >= 0, "warmup_steps" if self.warmup_steps < 0 else "grad_clip", "must be >= 0")
         need(not self.stage_lr or self.lr_restarts, "stage_lr", "needs train.lr_restarts: true")
         need(all(lr > 0 for lr in self.stage_lr), "stage_lr", "every stage's lr must be > 0")

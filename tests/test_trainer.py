@@ -8,7 +8,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stairscale.config import load_config
+from stairscale.bench import bench_step
+from stairscale.config import ConfigError, load_config
 from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_loader
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
@@ -81,6 +82,30 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny):
         trainer.train()
         params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
     assert (params[0] - params[1]).abs().max() < 1e-5
+
+
+def test_compiled_training_matches_eager(tmp_path, tiny):
+    """train.compile through the real inductor backend: the same losses as eager, step by step."""
+    runs = {}
+    for mode in ("none", "default"):
+        cfg = tiny(tmp_path / mode, "train.steps=3", f"train.compile={mode}", "train.eval_every=0", "model.n_layers=1",
+                   "model.schedule=transformer", "task.train_lengths=[16]", "task.train_length_steps=[0]", "task.eval_docs=4")
+        runs[mode] = Trainer(cfg, quiet=True).train()
+    for eager, compiled in zip(runs["none"]["steps"], runs["default"]["steps"]):
+        assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+    assert runs["default"]["test"]["loss"] == pytest.approx(runs["none"]["test"]["loss"], rel=1e-5)
+
+
+def test_compile_is_refused_where_it_is_untested(tmp_path, tiny):
+    with pytest.raises(ConfigError, match="train.compile"):
+        Trainer(tiny(tmp_path, "train.compile=default", "parallel.zero_stage=1"), quiet=True)
+
+
+def test_step_benchmark_counts_what_an_eager_step_dispatches(tmp_path, tiny):
+    rows = bench_step(tiny(tmp_path, "task.train_lengths=[16]", "task.train_length_steps=[0]"), ["none"], steps=2, warmup=1)
+    assert [row["compile"] for row in rows] == ["none"]
+    assert rows[0]["ms_per_step"] > 0 and rows[0]["ops_per_step"] > 100
+    assert rows[0]["host_waits_per_step"] is None  # counted on a GPU only
 
 
 def test_cli_train_then_eval_agree(tmp_path, cache):

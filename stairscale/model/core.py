@@ -143,6 +143,14 @@ class Core(nn.Module):
         self.relative = nn.Parameter(torch.randn(head_dim, cfg.attn_lim) * head_dim**-0.5) if cfg.positions == "relative" else None
         self.read_by_every_head = linears.read_by_every_head
         self.calls = 0  # core calls made, for the cost accounting and tests
+        self.run_layers = self._layers  # or its compiled version (compile_calls)
+
+    def compile_calls(self, mode: str = "default", backend: str = "inductor") -> None:
+        """Compile what one core call computes, as one graph for each shape of call a schedule
+        makes (a handful per segment): on a GPU, a few fused kernels instead of hundreds of launches."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager in silence
+        self.run_layers = torch.compile(self._layers, mode=mode, backend=backend, fullgraph=True, dynamic=False)
 
     def forward(self, x: Tensor, pos: Tensor, doc: Tensor, context: Rows | None = None) -> tuple[Tensor, Tensor]:
         """Run the layers over query rows x [B, T, d] at positions pos [T] with documents doc [B, T].
@@ -152,8 +160,8 @@ class Core(nn.Module):
         """
         self.calls += 1
         if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._layers, x, pos, doc, context, use_reentrant=False)
-        return self._layers(x, pos, doc, context)
+            return checkpoint(self.run_layers, x, pos, doc, context, use_reentrant=False)
+        return self.run_layers(x, pos, doc, context)
 
     def _layers(self, x: Tensor, pos: Tensor, doc: Tensor, context: Rows | None) -> tuple[Tensor, Tensor]:
         k_pos = pos if context is None else torch.cat([context.pos, pos])

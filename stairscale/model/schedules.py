@@ -77,8 +77,10 @@ class StaircaseSchedule:
                 queries.append(x[:, s * F : (s + 1) * F])
             rows = slice(oldest * F, (newest + 1) * F)
             from_before = carried.get(f"step{s}")
-            window_start = int(pos[0]) + (s - n + 1) * F
-            visible_cache = cache.between(window_start - self.cache_len, window_start) if cache is not None else None
+            visible_cache = None
+            if cache is not None:
+                window_start = int(pos[0]) + (s - n + 1) * F
+                visible_cache = cache.between(window_start - self.cache_len, window_start)
             top, layer_inputs = yield CoreCall(torch.cat(queries, dim=1), pos[rows], doc[:, rows], Rows.cat([visible_cache, from_before]))
             if s >= K:
                 drain_context = Rows.cat([from_before, Rows(layer_inputs, pos[rows], doc[:, rows])])

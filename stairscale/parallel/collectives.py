@@ -17,9 +17,13 @@ def _data_parallel_group():
     return parallel_state.get_data_parallel_group_gloo()
 
 
-def sum_over_data_parallel(value: int | float, layout: Layout) -> int | float:
+def sum_over_data_parallel(value: int | float | torch.Tensor, layout: Layout) -> int | float | torch.Tensor:
+    """The sum over the data-parallel ranks; in one process the value itself (a device tensor stays
+    on the device)."""
     if layout.dp == 1:
         return value
+    if isinstance(value, torch.Tensor):
+        value = value.item()
     total = torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.long)
     dist.all_reduce(total, group=_data_parallel_group())
     return type(value)(total.item())

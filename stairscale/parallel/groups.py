@@ -132,9 +132,14 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
     )
 
 
-def check_batch(cfg: RunConfig, layout: Layout) -> None:
-    """The global batch must split evenly into data-parallel ranks and their micro-batches."""
+def check_layout(cfg: RunConfig, layout: Layout) -> None:
+    """What the config asks must fit the launch: the global batch splits evenly into data-parallel
+    ranks and their micro-batches, and compiled core calls run in a plain single process only (the
+    layout tested against eager)."""
     t = cfg.train
+    if t.compile != "none" and (layout.distributed or cfg.parallel.zero_stage):
+        raise ConfigError(f"train.compile: {t.compile!r} is supported in a single process without ZeRO only; "
+                          f"this run has {layout.world} process(es) and parallel.zero_stage {cfg.parallel.zero_stage}")
     if t.lanes % layout.dp:
         raise ConfigError(f"train.lanes: {t.lanes} lanes do not split over {layout.dp} data-parallel ranks")
     if (t.lanes // layout.dp) % t.grad_accum:

@@ -20,19 +20,21 @@ class TorchOptimizer:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, lr: float) -> float:
-        """Clip, update and zero the gradients; returns the gradient norm before clipping."""
+    def step(self, lr: float) -> torch.Tensor:
+        """Clip, update and zero the gradients; returns the gradient norm before clipping (on the
+        device: reading it back would make the host wait for the step)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, layout: Layout):
     t = cfg.train
-    adamw = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    # fused: one kernel per step, and it never reads the step count back to the host
+    adamw = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, fused=True)
     if layout.distributed or cfg.parallel.zero_stage:
         from stairscale.parallel.deepspeed_engine import DeepSpeedOptimizer
 

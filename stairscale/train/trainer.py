@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from stairscale.config import RunConfig
@@ -23,7 +24,7 @@ from stairscale.data.tasks import IGNORE
 from stairscale.model.lm import StaircaseLM
 from stairscale.model.provider import Scores
 from stairscale.parallel import collectives
-from stairscale.parallel.groups import Layout, check_batch, init_distributed
+from stairscale.parallel.groups import Layout, check_layout, init_distributed
 from stairscale.parallel.model import build_model, full_state_dict
 from stairscale.train.checkpoint import save_checkpoint
 from stairscale.train.metrics import Tally, headline
@@ -78,9 +79,9 @@ def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, la
     tally = Tally.for_dataset(loader.dataset)
     state = model.initial_state(len(loader.local_lanes), device)
     for batch in loader:
-        batch = batch.to(device)
+        on_device = batch.to(device)
         with autocast(cfg, device):
-            scores, state = model(batch.tokens, batch.doc_start, batch.targets, state)
+            scores, state = model(on_device.tokens, on_device.doc_start, on_device.targets, state)
         if scores is not None:  # None on pipeline stages without the head
             tally.add(scores, batch.targets, batch.doc_pos)
     model.train(was_training)
@@ -111,13 +112,15 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg)
         self.layout = init_distributed(cfg.parallel, self.device)
-        check_batch(cfg, self.layout)
+        check_layout(cfg, self.layout)
         self.quiet = quiet or not self.layout.reports
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
         self.labelled = self.dataset.labelled
         self.vocab = (len(self.dataset.vocab), self.dataset.vocab.pad_id)
         model = build_model(cfg, *self.vocab, self.layout).to(self.device)
+        if cfg.train.compile != "none":
+            model.core.compile_calls(cfg.train.compile)
         if self.layout.distributed:
             torch.manual_seed(cfg.train.seed + self.layout.rank)  # distinct dropout masks per rank
         self.optimizer = build_optimizer(model, cfg, self.layout)
@@ -131,6 +134,7 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.curve: list[dict] = []
         self.history: list[dict] = []  # loss and gradient norm of every step
+        self.unread: list[tuple] = []  # the same, for the steps since the last log line, still on the device
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -141,20 +145,21 @@ class Trainer:
         self.model.train()
         self.log(self._describe())
         progress = Progress(self.dataset, t.steps)
-        for step, batch, states in self._batches():
+        for step, batch, states in self.batches():
             lr = learning_rate(self.cfg, step)
-            loss, grad_norm = self._train_step(batch, states, lr, progress.window)
-            self.history.append({"loss": loss, "grad_norm": grad_norm})
+            loss, grad_norm = self.train_step(batch, states, lr, progress.window)
+            self.unread.append((loss, grad_norm))
             done = step + 1
             progress.tokens += batch.tokens.numel() * self.layout.dp
             if done % t.log_every == 0 or done == t.steps:
-                self._log_progress(progress, done, lr, grad_norm)
+                self._read_back_history()
+                self._log_progress(progress, done, lr, self.history[-1]["grad_norm"])
             if t.eval_every and done % t.eval_every == 0 and done < t.steps:
                 self._evaluate("valid", done)
                 progress.restart_window()  # evaluation time is not training speed
         return self._finish(time.perf_counter() - progress.started)
 
-    def _batches(self):
+    def batches(self):
         """(step, this rank's batch, recurrent state per micro-batch); a curriculum stage starts new lanes."""
         cfg, t = self.cfg, self.cfg.train
         stage = -1
@@ -165,23 +170,24 @@ class Trainer:
                 batches = iter(loader)
                 size = len(loader.local_lanes) // t.grad_accum
                 states = [self.model.initial_state(size, self.device) for _ in range(t.grad_accum)]
-            yield step, next(batches).to(self.device), states
+            yield step, next(batches), states
 
-    def _train_step(self, batch: Batch, states: list, lr: float, tally: Tally) -> tuple[float, float]:
-        """One optimizer step over the global batch. This rank's lanes are split into grad_accum
-        micro-batches, each carrying its own state; the loss is normalised over the targets of the
-        whole global batch (times dp, because the data-parallel reduction averages).
-        Returns the global batch's mean loss and the gradient norm before clipping."""
+    def train_step(self, batch: Batch, states: list, lr: float, tally: Tally) -> tuple[Tensor | float, Tensor | float]:
+        """One optimizer step over the global batch (on the host; moved to the device here). This
+        rank's lanes are split into grad_accum micro-batches, each carrying its own state; the loss
+        is normalised over the targets of the whole global batch (times dp, because the
+        data-parallel reduction averages). Returns the global batch's mean loss and the gradient
+        norm before clipping; in one process both stay on the device, so the step never waits for it."""
         t = self.cfg.train
         targets = collectives.sum_over_data_parallel(int((batch.targets != IGNORE).sum()), self.layout)
         scale = self.layout.dp / max(1, targets)
         size = batch.tokens.shape[0] // t.grad_accum
         micros = [batch.lanes(slice(g * size, (g + 1) * size)) for g in range(t.grad_accum)]
-        nll = 0.0
-        for micro, scores in zip(micros, self._forward_backward(micros, states, scale)):
+        nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro, scores in zip(micros, self._forward_backward([m.to(self.device) for m in micros], states, scale)):
             if scores is not None:  # None on pipeline stages without the head
                 tally.add(scores, micro.targets, micro.doc_pos)
-                nll += float(scores.nll.sum())
+                nll += scores.nll.sum(dtype=torch.float64)
         grad_norm = self.optimizer.step(lr)
         return collectives.sum_over_data_parallel(nll, self.layout) / max(1, targets), grad_norm
 
@@ -197,6 +203,10 @@ class Trainer:
             self.optimizer.backward(out.nll.sum() * scale)
             scores.append(Scores(out.nll.detach(), out.predicted))
         return scores
+
+    def _read_back_history(self) -> None:
+        self.history += [{"loss": float(loss), "grad_norm": float(norm)} for loss, norm in self.unread]
+        self.unread = []
 
     def _log_progress(self, progress: Progress, done: int, lr: float, grad_norm: float) -> None:
         now = time.perf_counter()
