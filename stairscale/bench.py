@@ -4,56 +4,62 @@ dispatches), `bench pipeline` (pipeline micro-batches)."""
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stairscale.config import RunConfig
 from stairscale.data.prepare import dataset_dir, train_split
-from stairscale.data.shards import Dataset
-from stairscale.model.lm import StaircaseLM
-from stairscale.train.trainer import autocast, make_loader, resolve_device
+from stairscale.parallel.wavefront import schedule
+from stairscale.train.metrics import Tally
+from stairscale.train.trainer import Trainer, learning_rate, make_loader, resolve_device
 
 
-def _rate(batches, seconds: float, work=lambda batch: None) -> float:
-    """Tokens per second over `seconds`, after a first batch that pays for start-up."""
-    work(next(batches))
+def _rate(batches, seconds: float) -> float:
+    """Loader tokens per second over `seconds`, after a first batch that pays for start-up."""
+    next(batches)
     tokens, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        batch = next(batches)
-        work(batch)
-        tokens += batch.tokens.numel()
+        tokens += next(batches).tokens.numel()
     return tokens / (time.perf_counter() - started)
 
 
-def train_rate(cfg: RunConfig, seconds: float, root=None) -> float:
-    """Tokens/s of the config's train step (forward, backward, AdamW), fed by the real loader."""
-    root = root or dataset_dir(cfg)
-    device = resolve_device(cfg)
-    vocab = Dataset(root).vocab
-    model = StaircaseLM(cfg.model, len(vocab), vocab.pad_id).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    state = model.initial_state(cfg.train.lanes, device)
+class StepTimer:
+    """The trainer's own train step for a config (its loader, optimizer, tallies, compile mode),
+    run outside a training loop to be timed."""
 
-    def train_step(batch):
-        nonlocal state
-        batch = batch.to(device)
-        with autocast(cfg, device):
-            scores, state = model(batch.tokens, batch.doc_start, batch.targets, state)
-        scores.nll.sum().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def __init__(self, cfg: RunConfig, compile: str | None = None):
+        train = dataclasses.replace(cfg.train, steps=1 << 30, compile=compile or cfg.train.compile)
+        self.cfg = dataclasses.replace(cfg, train=train, run_dir=tempfile.mkdtemp())
+        self.trainer = Trainer(self.cfg, quiet=True)
+        self.device = self.trainer.device
+        self.tally = Tally.for_dataset(self.trainer.dataset)
+        self.batches = self.trainer.batches()
 
-    return _rate(iter(make_loader(cfg, root, train_split(cfg.task, 0), training=True)), seconds, train_step)
+    def step(self) -> None:
+        index, batch, states = next(self.batches)
+        self.trainer.train_step(batch, states, learning_rate(self.cfg, index), self.tally)
+
+    def seconds_per_step(self, steps: int, warmup: int) -> float:
+        """After `warmup` steps, which pay for start-up and compilation."""
+        for _ in range(warmup):
+            self.step()
+        _synchronize(self.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _synchronize(self.device)
+        return (time.perf_counter() - started) / steps
 
 
-def bench_data(cfg: RunConfig, seconds: float) -> dict:
+def bench_data(cfg: RunConfig, seconds: float, steps: int = 20) -> dict:
     root = dataset_dir(cfg)
     split = train_split(cfg.task, 0)
     loader_rate = _rate(iter(make_loader(cfg, root, split, training=True)), seconds)
-    train = train_rate(cfg, seconds, root)
+    train = cfg.train.lanes * cfg.train.segment_len / StepTimer(cfg).seconds_per_step(steps, warmup=2)
     result = {
         "dataset": str(root),
         "split": split,
@@ -76,22 +82,14 @@ def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int) -> list
     """Seconds per train step of the config's layout with each number of pipeline micro-batches
     (same global batch, so the same work), beside the speed-up the wavefront's unit-time model
     predicts over one micro-batch. Run it under a launcher with the config's world size."""
-    import dataclasses
-    import tempfile
-
-    from stairscale.parallel.wavefront import schedule
-    from stairscale.train.trainer import Trainer
-
     rows = []
-    for count in [micro_batches[0], *micro_batches]:  # the first run pays for start-up and is dropped
-        run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count, steps=steps, eval_every=0,
-                                                                  log_every=steps), run_dir=tempfile.mkdtemp())
-        trainer = Trainer(run, quiet=True)
-        seconds = trainer.train()["train_seconds"] / steps
-        calls = trainer.model.runner.schedule.count(cfg.train.segment_len) if cfg.parallel.pipeline > 1 else 1
+    for count in micro_batches:
+        timer = StepTimer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count)))
+        seconds = timer.seconds_per_step(steps, warmup=2)
+        runner = getattr(timer.trainer.model, "runner", None)
+        calls = runner.schedule.count(cfg.train.segment_len) if runner else 1
         slots = len(schedule(cfg.parallel.pipeline, count, calls).slots) / count  # in units of one micro-batch's action
-        rows.append({"micro_batches": count, "seconds_per_step": seconds, "model_slots": slots, "layout": trainer.layout})
-    rows = rows[1:]
+        rows.append({"micro_batches": count, "seconds_per_step": seconds, "model_slots": slots, "layout": timer.trainer.layout})
     base = rows[0]
     if not base["layout"].reports:
         return None
@@ -104,60 +102,27 @@ def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int) -> list
     return rows
 
 
-class _OpCounter:
+class _OpCounter(TorchDispatchMode):
     """Counts the aten operations dispatched (on a GPU, about one kernel launch each)."""
 
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    ops = 0
 
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                counter.ops += 1
-                return func(*args, **(kwargs or {}))
-
-        self.ops, self.mode = 0, Mode()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
 
 
 def bench_step(cfg: RunConfig, modes: list[str], steps: int, warmup: int) -> list[dict]:
-    """Milliseconds per train step of the config with each train.compile mode, after `warmup` steps
-    that pay for compilation, beside eager ("none") measured in the same run. For eager it also
-    counts the operations one step dispatches and, on a GPU, the times the host waits for the device."""
-    import dataclasses
-    import tempfile
-
-    from stairscale.train.metrics import Tally
-    from stairscale.train.trainer import Trainer, learning_rate
-
+    """Milliseconds per train step of the config with each train.compile mode, beside eager
+    ("none") measured in the same run. For eager it also counts the operations one step dispatches
+    and, on a GPU, the times the host waits for the device."""
     rows = []
     for mode in ["none", *[m for m in modes if m != "none"]]:
-        run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=mode, steps=warmup + steps + 1),
-                                  run_dir=tempfile.mkdtemp())
-        trainer = Trainer(run, quiet=True)
-        tally = Tally.for_dataset(trainer.dataset)
-        batches = trainer.batches()
-
-        def step():
-            index, batch, states = next(batches)
-            trainer.train_step(batch, states, learning_rate(run, index), tally)
-
-        for _ in range(warmup):
-            step()
-        _synchronize(trainer.device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _synchronize(trainer.device)
-        row = {"compile": mode, "ms_per_step": (time.perf_counter() - started) / steps * 1e3}
+        timer = StepTimer(cfg, compile=mode)
+        row = {"compile": mode, "ms_per_step": timer.seconds_per_step(steps, warmup) * 1e3}
         if mode == "none":
-            with _OpCounter() as counter, _SyncCounter(trainer.device) as syncs:
-                step()
+            with _OpCounter() as counter, _SyncCounter(timer.device) as syncs:
+                timer.step()
             row.update(ops_per_step=counter.ops, host_waits_per_step=syncs.count)
         rows.append(row)
     base = rows[0]["ms_per_step"]
@@ -169,6 +134,7 @@ def bench_step(cfg: RunConfig, modes: list[str], steps: int, warmup: int) -> lis
             waits = row["host_waits_per_step"]
             extra = f" | {row['ops_per_step']} ops dispatched" + ("" if waits is None else f", host waits for the device {waits}x")
         print(f"compile {row['compile']}: {row['ms_per_step']:.1f} ms/step | speed-up over eager {base / row['ms_per_step']:.2f}x{extra}")
+    print(f"fastest: {min(rows, key=lambda row: row['ms_per_step'])['compile']}")
     return rows
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from stairscale.config import ConfigError, load_config
+from stairscale.config import COMPILE_MODES, ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("--out", default="runs/tracking", help="directory for the runs and the table")
     reproduce.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's steps (slower/faster machines)")
     reproduce.add_argument("--fit-minutes", type=float, help="measure the models' steps here and scale the runs to this many minutes")
+    reproduce.add_argument("--compile", default="none", choices=COMPILE_MODES, help="train.compile of every run")
 
     args = parser.parse_args(argv)
     try:
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
             scale = args.steps_scale
             if args.fit_minutes:
-                scale = fit_steps_scale(QUICK if args.quick else FULL, Path(args.out), args.fit_minutes)
-            reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale)
+                scale = fit_steps_scale(QUICK if args.quick else FULL, Path(args.out), args.fit_minutes, args.compile)
+            reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale, compile=args.compile)
     except ConfigError as err:
         print(f"stairscale: config error: {err}", file=sys.stderr)
         return 2

@@ -80,9 +80,9 @@ FULL = Budget(
 )
 
 
-def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: float = 1.0) -> dict:
+def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: float = 1.0, compile: str = "none") -> dict:
     train = dict(lanes=budget.lanes, segment_len=64, lr=2e-3, warmup_steps=200, grad_clip=0.25, lr_schedule="cosine",
-                 eval_every=0, log_every=100, threads=budget.threads, device=budget.device)
+                 eval_every=0, log_every=100, threads=budget.threads, device=budget.device, compile=compile)
     if task == "random_walk":
         steps = max(10, round(budget.walk_steps[model] * steps_scale))
         task_cfg = dict(name="random_walk", positions=8, train_lengths=budget.walk_lengths,
@@ -123,16 +123,16 @@ def run_all(configs: list[dict], parallel: int) -> None:
                 print(f"  done  {config['run_dir']}", flush=True)
 
 
-def fit_steps_scale(budget: Budget, out: Path, minutes: float) -> float:
+def fit_steps_scale(budget: Budget, out: Path, minutes: float, compile: str = "none") -> float:
     """Measure each model's train step here and scale every run's steps so that training fits
     `minutes` (20% of it is left for data preparation and evaluation)."""
-    from stairscale.bench import train_rate
+    from stairscale.bench import StepTimer
     from stairscale.config import RunConfig, from_dict
 
     seconds = 0.0
     for model in MODELS:
-        cfg = from_dict(RunConfig, run_config("random_walk", model, budget, out / "calibration")).validate()
-        step_seconds = cfg.train.lanes * cfg.train.segment_len / train_rate(cfg, seconds=3.0)
+        cfg = from_dict(RunConfig, run_config("random_walk", model, budget, out / "calibration", compile=compile)).validate()
+        step_seconds = StepTimer(cfg).seconds_per_step(steps=20, warmup=10)
         runs_steps = budget.walk_steps[model] + budget.algo_steps  # algorithmic steps cost about the same
         seconds += runs_steps * step_seconds
         print(f"  calibration: {model} {step_seconds * 1e3:.1f} ms/step", flush=True)
@@ -141,12 +141,13 @@ def fit_steps_scale(budget: Budget, out: Path, minutes: float) -> float:
     return scale
 
 
-def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0) -> dict:
+def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0, compile: str = "none") -> dict:
     """Train the three models on both tasks, score them, print and save the table.
-    `steps_scale` multiplies every run's steps (to fit a slower or faster machine)."""
+    `steps_scale` multiplies every run's steps (to fit a slower or faster machine); `compile` is
+    every run's train.compile."""
     budget = QUICK if quick else FULL
     started = time.time()
-    configs = [run_config(task, model, budget, out, steps_scale) for task in ("random_walk", "algorithmic") for model in MODELS]
+    configs = [run_config(task, model, budget, out, steps_scale, compile) for task in ("random_walk", "algorithmic") for model in MODELS]
     print(f"reproduce tracking ({'quick' if quick else 'full'}): {len(configs)} runs into {out}", flush=True)
     run_all(configs, budget.parallel)
     report = score(out, budget)
