@@ -160,3 +160,24 @@ def test_text_with_a_trained_bpe_tokenizer(tmp_path, tiny):
     tokenizer = Tokenizer.from_file(str(trainer.data_root / "tokenizer.json"))
     decoded = sorted(tokenizer.decode(doc.tokens[1:].tolist()) for split in ("train", "valid", "test") for doc in dataset.documents(split))
     assert decoded == sorted(texts.values())  # lossless: every file comes back exactly
+
+
+def test_tally_counts_errors_by_position_across_batches_of_growing_positions():
+    from stairscale.data.tasks import IGNORE
+    from stairscale.model.provider import Scores
+    from stairscale.train.metrics import Tally
+
+    gen = torch.Generator().manual_seed(0)
+    tally, expected_errors, expected_count = Tally(labelled=True), torch.zeros(40, dtype=torch.long), torch.zeros(40, dtype=torch.long)
+    for longest in (10, 40, 25):  # the second batch reaches further along its documents
+        doc_pos = torch.randint(0, longest, (3, 8), generator=gen)
+        targets = torch.randint(0, 4, (3, 8), generator=gen).masked_fill(torch.rand(3, 8, generator=gen) < 0.3, IGNORE)
+        predicted = torch.randint(0, 4, (3, 8), generator=gen)
+        tally.add(Scores(torch.rand(3, 8, generator=gen), predicted), targets, doc_pos)
+        supervised = targets != IGNORE
+        expected_count.index_add_(0, doc_pos[supervised], torch.ones_like(doc_pos[supervised]))
+        expected_errors.index_add_(0, doc_pos[supervised], (predicted != targets)[supervised].long())
+    size = int(expected_count.nonzero().max()) + 1
+    assert tally.count_at.tolist() == expected_count[:size].tolist()
+    assert tally.errors_at.tolist() == expected_errors[:size].tolist()
+    assert tally.summary()["error"] == pytest.approx(100 * expected_errors.sum().item() / expected_count.sum().item())
