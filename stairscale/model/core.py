@@ -26,8 +26,7 @@ class AttentionGeometry:
 
     visible: Tensor  # [B, 1, Tq, Tk] bool
     relative_index: Tensor | None  # [Tq, Tk] column of the relative table for each pair
-    rope_q: tuple[Tensor, Tensor] | None  # cos, sin [Tq, head_dim/2]
-    rope_k: tuple[Tensor, Tensor] | None  # cos, sin [Tk, head_dim/2]
+    rope: tuple[Tensor, Tensor] | None  # cos, signed sin [Tk, head_dim] of the keys; queries are the last Tq keys
 
 
 def attention_geometry(cfg: ModelConfig, q_pos: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor) -> AttentionGeometry:
@@ -43,30 +42,33 @@ def attention_geometry(cfg: ModelConfig, q_pos: Tensor, q_doc: Tensor, k_pos: Te
     is_self = torch.zeros_like(in_span)
     is_self[:, context:] = torch.eye(q_pos.shape[0], dtype=torch.bool, device=q_pos.device)
     visible = (same_doc & in_span) | is_self
-    geometry = AttentionGeometry(visible[:, None], None, None, None)
+    geometry = AttentionGeometry(visible[:, None], None, None)
     if cfg.positions == "relative":
         # The authors' layout: distance d lives in column attn_lim - 1 - d.
         geometry.relative_index = (cfg.attn_lim - 1 - distance).clamp(0, cfg.attn_lim - 1)
     else:
-        base = k_pos[0]
-        geometry.rope_q = _rope_angles(q_pos - base, cfg.d_model // cfg.n_heads)
-        geometry.rope_k = _rope_angles(k_pos - base, cfg.d_model // cfg.n_heads)
+        geometry.rope = _rope_tables(k_pos - k_pos[0], cfg.d_model // cfg.n_heads)
     return geometry
 
 
-def _rope_angles(offsets: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+def _rope_tables(offsets: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """cos and signed sin [T, head_dim] of each row's angles, for `_rotate`. Angles are taken
+    relative to the call's oldest key, in float32, so long streams lose no precision."""
     half = head_dim // 2
     inv_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float32, device=offsets.device) / half)
     angles = offsets.float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
-def _rotate(x: Tensor, cos_sin: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotary embedding, half-split pairing: dimension i rotates with i + head_dim/2."""
-    cos, sin = cos_sin
-    first, second = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
-    return rotated.to(x.dtype)
+def _rotate(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotary embedding of the last rows of the keys, half-split pairing (dimension i rotates with
+    i + head_dim/2): first * cos - second * sin, second * cos + first * sin, as one expression."""
+    rows = x.shape[-2]
+    cos, signed_sin = rope[0][-rows:], rope[1][-rows:]
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat([second, first], dim=-1) * signed_sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -87,8 +89,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, kv: Tensor, geometry: AttentionGeometry, relative_table: Tensor | None) -> Tensor:
         q, k, v = self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv))
         mask = geometry.visible
-        if geometry.rope_q is not None:
-            q, k = _rotate(q, geometry.rope_q), _rotate(k, geometry.rope_k)
+        if geometry.rope is not None:
+            q, k = _rotate(q, geometry.rope), _rotate(k, geometry.rope)
         if relative_table is not None:
             # score = (q.k + q.p_d) / sqrt(head_dim): add q.p_d as a bias scaled like q.k.
             q_p = torch.matmul(q, relative_table.to(q.dtype))  # [B, H, Tq, attn_lim]
