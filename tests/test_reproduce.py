@@ -1,0 +1,23 @@
+"""The reproduction's run plans (the runs themselves are `stairscale reproduce tracking`)."""
+
+from pathlib import Path
+
+from stairscale.config import RunConfig, from_dict
+from stairscale.reproduce import FULL, MODELS, QUICK, _makespan, run_config
+
+
+def test_makespan_runs_longest_first_on_free_slots():
+    assert _makespan([10, 1, 1, 1], parallel=2) == 10
+    assert _makespan([3, 3, 2, 2, 2], parallel=2) == 7
+    assert _makespan([5, 4, 3], parallel=1) == 12
+
+
+def test_every_planned_run_is_a_valid_config_with_its_compile_mode(tmp_path):
+    for budget in (QUICK, FULL):
+        for task in ("random_walk", "algorithmic"):
+            for model in MODELS:
+                cfg = from_dict(RunConfig, run_config(task, model, budget, Path(tmp_path), compile="default")).validate()
+                assert cfg.train.compile == "default"
+                if task == "random_walk":  # one curriculum stage per length, starting at step 0
+                    assert len(cfg.task.train_length_steps) == len(budget.walk_lengths)
+                    assert cfg.task.train_length_steps[0] == 0
