@@ -148,8 +148,9 @@ class Core(nn.Module):
         self.run_layers = self._layers  # or its compiled version (compile_calls)
 
     def compile_calls(self, mode: str = "default", backend: str = "inductor") -> None:
-        """Compile what one core call computes, as one graph for each shape of call a schedule
-        makes (a handful per segment): on a GPU, a few fused kernels instead of hundreds of launches."""
+        """Compile what one core call computes, one graph for each shape of call a schedule makes
+        (a handful per segment). Meant for the GPU, where an eager call is a hundred-odd small
+        kernel launches (docs/benchmarks.md: measured on the CPU only so far)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager in silence
         self.run_layers = torch.compile(self._layers, mode=mode, backend=backend, fullgraph=True, dynamic=False)

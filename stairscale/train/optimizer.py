@@ -33,8 +33,10 @@ class TorchOptimizer:
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, layout: Layout):
     t = cfg.train
-    # fused: one kernel per step, and it never reads the step count back to the host
-    adamw = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, fused=True)
+    # On a GPU the fused kernel: one launch per step instead of a few per parameter. On the CPU,
+    # torch's default, which the CPU recipes (docs/reproducing.md) were tuned and recorded with.
+    fused = next(model.parameters()).device.type == "cuda"
+    adamw = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, fused=fused)
     if layout.distributed or cfg.parallel.zero_stage:
         from stairscale.parallel.deepspeed_engine import DeepSpeedOptimizer
 
