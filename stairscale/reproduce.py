@@ -85,8 +85,10 @@ FULL = Budget(
 
 
 def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: float = 1.0, compile: str = "none") -> dict:
+    # fp32 on every device: the recipes were tuned in fp32, and these tiny models are bound by
+    # operation count, to which bf16 autocast adds its casts (docs/benchmarks.md).
     train = dict(lanes=budget.lanes, segment_len=64, lr=2e-3, warmup_steps=200, grad_clip=0.25, lr_schedule="cosine",
-                 eval_every=0, log_every=100, threads=budget.threads, device=budget.device, compile=compile)
+                 eval_every=0, log_every=100, threads=budget.threads, device=budget.device, precision="fp32", compile=compile)
     if task == "random_walk":
         steps = max(10, round(budget.walk_steps[model] * steps_scale))
         task_cfg = dict(name="random_walk", positions=8, train_lengths=budget.walk_lengths,

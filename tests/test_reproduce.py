@@ -12,12 +12,13 @@ def test_makespan_runs_longest_first_on_free_slots():
     assert _makespan([5, 4, 3], parallel=1) == 12
 
 
-def test_every_planned_run_is_a_valid_config_with_its_compile_mode(tmp_path):
+def test_every_planned_run_is_a_valid_fp32_config_with_its_compile_mode(tmp_path):
     for budget in (QUICK, FULL):
         for task in ("random_walk", "algorithmic"):
             for model in MODELS:
                 cfg = from_dict(RunConfig, run_config(task, model, budget, Path(tmp_path), compile="default")).validate()
                 assert cfg.train.compile == "default"
+                assert cfg.train.precision == "fp32"
                 if task == "random_walk":  # one curriculum stage per length, starting at step 0
                     assert len(cfg.task.train_length_steps) == len(budget.walk_lengths)
                     assert cfg.task.train_length_steps[0] == 0
