@@ -116,25 +116,30 @@ def bench_step(cfg: RunConfig, modes: list[str], steps: int, warmup: int) -> lis
     """Milliseconds per train step of the config with each train.compile mode, beside eager
     ("none") measured in the same run. For eager it also counts the operations one step dispatches
     and, on a GPU, the times the host waits for the device."""
-    rows = []
-    for mode in ["none", *[m for m in modes if m != "none"]]:
-        timer = StepTimer(cfg, compile=mode)
-        row = {"compile": mode, "ms_per_step": timer.seconds_per_step(steps, warmup) * 1e3}
-        if mode == "none":
-            with _OpCounter() as counter, _SyncCounter(timer.device) as syncs:
-                timer.step()
-            row.update(ops_per_step=counter.ops, host_waits_per_step=syncs.count)
-        rows.append(row)
+    timer = StepTimer(cfg, compile="none")
+    rows = [{"compile": "none", "ms_per_step": timer.seconds_per_step(steps, warmup) * 1e3}]
+    with _OpCounter() as counter, _SyncCounter(timer.device) as syncs:
+        timer.step()
+    rows[0].update(ops_per_step=counter.ops, host_waits_per_step=syncs.count)
+    for mode in [m for m in modes if m != "none"]:
+        try:
+            rows.append({"compile": mode, "ms_per_step": StepTimer(cfg, compile=mode).seconds_per_step(steps, warmup) * 1e3})
+        except Exception as err:  # a mode that fails is reported, and the other modes still measured
+            rows.append({"compile": mode, "error": f"{type(err).__name__}: {err}"})
     base = rows[0]["ms_per_step"]
     m, t = cfg.model, cfg.train
     print(f"{m.schedule}, {t.lanes} lanes x {t.segment_len} tokens, {resolve_device(cfg)}; {steps} steps after {warmup} warm-up steps")
     for row in rows:
+        if "error" in row:
+            print(f"compile {row['compile']}: failed: {row['error'].splitlines()[0]}")
+            continue
         extra = ""
         if "ops_per_step" in row:
             waits = row["host_waits_per_step"]
             extra = f" | {row['ops_per_step']} ops dispatched" + ("" if waits is None else f", host waits for the device {waits}x")
         print(f"compile {row['compile']}: {row['ms_per_step']:.1f} ms/step | speed-up over eager {base / row['ms_per_step']:.2f}x{extra}")
-    print(f"fastest: {min(rows, key=lambda row: row['ms_per_step'])['compile']}")
+    measured = [row for row in rows if "error" not in row]
+    print(f"fastest: {min(measured, key=lambda row: row['ms_per_step'])['compile']}")
     return rows
 
 

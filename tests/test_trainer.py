@@ -101,11 +101,16 @@ def test_compile_is_refused_where_it_is_untested(tmp_path, tiny):
         Trainer(tiny(tmp_path, "train.compile=default", "parallel.zero_stage=1"), quiet=True)
 
 
-def test_step_benchmark_counts_what_an_eager_step_dispatches(tmp_path, tiny):
-    rows = bench_step(tiny(tmp_path, "task.train_lengths=[16]", "task.train_length_steps=[0]"), ["none"], steps=2, warmup=1)
-    assert [row["compile"] for row in rows] == ["none"]
+def test_step_benchmark_counts_what_an_eager_step_dispatches(tmp_path, tiny, capsys):
+    cfg = tiny(tmp_path, "task.train_lengths=[16]", "task.train_length_steps=[0]")
+    rows = bench_step(cfg, ["none", "no-such-mode"], steps=2, warmup=1)
+    assert [row["compile"] for row in rows] == ["none", "no-such-mode"]
     assert rows[0]["ms_per_step"] > 0 and rows[0]["ops_per_step"] > 100
     assert rows[0]["host_waits_per_step"] is None  # counted on a GPU only
+    # A mode that fails is reported with its error; the others are still measured and compared.
+    assert "ms_per_step" not in rows[1] and "no-such-mode" in rows[1]["error"]
+    printed = capsys.readouterr().out
+    assert "compile no-such-mode: failed: " in printed and "fastest: none" in printed
 
 
 def test_cli_train_then_eval_agree(tmp_path, cache):

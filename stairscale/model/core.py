@@ -153,7 +153,14 @@ class Core(nn.Module):
         kernel launches (docs/benchmarks.md: measured on the CPU only so far)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager in silence
-        self.run_layers = torch.compile(self._layers, mode=mode, backend=backend, fullgraph=True, dynamic=False)
+        compiled = torch.compile(self._layers, mode=mode, backend=backend, fullgraph=True, dynamic=False)
+        if mode == "reduce-overhead":
+            # CUDA graphs replay into the same output memory and free a generation's outputs when
+            # the next one starts (every call without a pending backward, e.g. in evaluation).
+            # Schedules keep outputs across calls and segments, so they get their own copies.
+            self.run_layers = lambda *args: tuple(out.clone() for out in compiled(*args))
+        else:
+            self.run_layers = compiled
 
     def forward(self, x: Tensor, pos: Tensor, doc: Tensor, context: Rows | None = None) -> tuple[Tensor, Tensor]:
         """Run the layers over query rows x [B, T, d] at positions pos [T] with documents doc [B, T].
