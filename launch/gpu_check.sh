@@ -11,7 +11,8 @@ minutes=${1:-6}
 out=${2:-${OUT:-runs/gpu_check}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python -m stairscale.cli bench step --set train.precision=fp32 --set train.lanes=512 --steps 10 --warmup 3 --compile none | tee "$out/bench_step_512.txt"
-python -m stairscale.cli bench step --set train.precision=fp32 --set train.lanes=128 --steps 20 --warmup 10 --compile default,reduce-overhead | tee "$out/bench_step_128.txt"
+bench_step="python -m stairscale.cli bench step --set train.precision=fp32"
+$bench_step --set train.lanes=512 --steps 10 --warmup 3 --compile none | tee "$out/bench_step_512.txt"
+$bench_step --set train.lanes=128 --steps 20 --warmup 10 --compile default,reduce-overhead | tee "$out/bench_step_128.txt"
 fastest=$(awk '/^fastest:/ {print $2}' "$out/bench_step_128.txt")
 python -m stairscale.cli reproduce tracking --fit-minutes "$minutes" --compile "$fastest" --out "$out/tracking" | tee "$out/tracking.txt"
