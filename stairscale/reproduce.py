@@ -70,8 +70,9 @@ QUICK = Budget(
     device="cpu",
 )
 # The Staircase gets nearly all of the GPU time: more lanes did not make up for fewer steps on
-# the CPU (docs/reproducing.md). The baselines only have to show where their reach ends, and the algorithmic task needs ~100k steps in
-# any case. Two runs at a time: a launch-bound step leaves the GPU idle most of the time.
+# the CPU (docs/reproducing.md). The baselines only have to show where their reach ends, and the
+# algorithmic task needs ~100k steps in any case. Two runs at a time: a launch-bound step leaves
+# the GPU idle most of the time.
 FULL = Budget(
     walk_steps={"transformer_xl": 1500, "ladder": 1500, "staircase": 15000},
     walk_lengths=[64, 128],
