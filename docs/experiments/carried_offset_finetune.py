@@ -20,29 +20,31 @@ import sys
 import torch
 
 from stairscale.config import load_config
-from stairscale.data.tasks import IGNORE
+from stairscale.data.prepare import build_task
+from stairscale.data.tasks import IGNORE, RandomWalkTask
 from stairscale.model.lm import StaircaseLM
 from stairscale.train.checkpoint import load_checkpoint
 from stairscale.train.trainer import Trainer
 
-RING, FIRST_POSITION_ID = 8, 5  # random walk: P positions; token id of p0
 BELIEF_TOKENS = 8
 
 
-def shift_by_carried_offset(doc_start, targets, predicted, offset):
+def shift_by_carried_offset(task: RandomWalkTask, doc_start, targets, predicted, offset):
     """The segment's targets shifted by each lane's carried offset (until the lane's next walk), and
     the offset to carry on: the commonest (predicted - true) over the last BELIEF_TOKENS tokens."""
+    ring, first = task.positions, task.first_position_id
     before_next_walk = doc_start.long().cumsum(1) == 0
     shift = torch.where(before_next_walk, offset[:, None], torch.zeros_like(targets))
-    shifted = torch.where(targets != IGNORE, FIRST_POSITION_ID + (targets - FIRST_POSITION_ID + shift) % RING, targets)
+    shifted = torch.where(targets != IGNORE, first + (targets - first + shift) % ring, targets)
     tail_true, tail_predicted = targets[:, -BELIEF_TOKENS:], predicted[:, -BELIEF_TOKENS:]
-    usable = (tail_true != IGNORE) & (tail_predicted >= FIRST_POSITION_ID) & (tail_predicted < FIRST_POSITION_ID + RING)
-    belief = torch.where(usable, (tail_predicted - tail_true) % RING, torch.zeros_like(tail_true)).mode(dim=1).values
+    usable = (tail_true != IGNORE) & (tail_predicted >= first) & (tail_predicted < first + ring)
+    belief = torch.where(usable, (tail_predicted - tail_true) % ring, torch.zeros_like(tail_true)).mode(dim=1).values
     kept = torch.where(doc_start.any(1), torch.zeros_like(offset), offset)
     return shifted, torch.where(usable.all(1), belief, kept)
 
 
 class CarriedOffset:
+    task: RandomWalkTask
     offset: torch.Tensor | None = None
     shifted = total = 0
 
@@ -55,7 +57,7 @@ def forward_with_carried_offset(self, tokens, doc_start, targets, state):
         predicted = self.head.logprobs(final).argmax(-1)
         if CarriedOffset.offset is None or len(CarriedOffset.offset) != len(tokens):
             CarriedOffset.offset = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
-        shifted, CarriedOffset.offset = shift_by_carried_offset(doc_start, targets.long(), predicted, CarriedOffset.offset)
+        shifted, CarriedOffset.offset = shift_by_carried_offset(CarriedOffset.task, doc_start, targets.long(), predicted, CarriedOffset.offset)
         supervised = targets != IGNORE
         CarriedOffset.shifted += int((shifted != targets)[supervised].sum())
         CarriedOffset.total += int(supervised.sum())
@@ -76,7 +78,11 @@ def main(argv: list[str]) -> None:
         rest.remove("--plain")
     else:
         StaircaseLM.forward = forward_with_carried_offset
-    trainer = CarriedOffsetTrainer(load_config(config, rest))
+    cfg = load_config(config, rest)
+    CarriedOffset.task = build_task(cfg.task)
+    if not isinstance(CarriedOffset.task, RandomWalkTask):
+        raise SystemExit(f"{config}: task.name is {cfg.task.name!r}; the carried offset needs random_walk")
+    trainer = CarriedOffsetTrainer(cfg)
     trainer.model.load_state_dict(load_checkpoint(init_run)["model"])
     trainer.train()
 
