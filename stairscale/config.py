@@ -171,6 +171,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | constant
     lr_restarts: bool = False  # restart warm-up + schedule at every curriculum stage
     stage_lr: list[float] = field(default_factory=list)  # with lr_restarts: peak lr of each stage (empty: lr)
+    carried_offset_stages: list[int] = field(default_factory=list)  # random walk: stages trained on labels shifted by the carried belief (train/carried_offset.py)
     warmup_steps: int = 200
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -246,6 +247,11 @@ class RunConfig:
         self.parallel.validate(self.model)
         if self.train.stage_lr and len(self.train.stage_lr) != self.task.stages:
             raise ConfigError(f"train.stage_lr: {len(self.train.stage_lr)} values for {self.task.stages} curriculum stages")
+        for stage in self.train.carried_offset_stages:
+            if self.task.name != "random_walk":
+                raise ConfigError(f"train.carried_offset_stages: needs labels on a ring (task random_walk), not task {self.task.name}")
+            if not 0 <= stage < self.task.stages:
+                raise ConfigError(f"train.carried_offset_stages: stage {stage} is not one of the {self.task.stages} curriculum stages (0-based)")
         return self
 
     def to_dict(self) -> dict:

@@ -33,7 +33,7 @@ TINY = {
               "lr": 0.002, "grad_clip": 0.05},
     "task": {"train_lengths": [24], "train_length_steps": [0], "eval_length": 24, "eval_docs": 4, "train_docs": 64},
 }
-SCHEDULES = {
+VARIANTS = {  # every schedule, and the training options that change what a rank computes per lane
     "staircase": [],
     "cached": ["model.schedule=cached", "model.cache_len=8"],
     "global_cached": ["model.schedule=global_cached", "model.cache_len=8"],
@@ -41,6 +41,7 @@ SCHEDULES = {
     "transformer": ["model.schedule=transformer"],
     "transformer_xl": ["model.schedule=transformer_xl", "model.mem_len=8"],
     "cached_relative": ["model.schedule=cached", "model.cache_len=8", "model.positions=relative"],
+    "carried_offset": ["train.carried_offset_stages=[0]"],
 }
 
 
@@ -54,9 +55,9 @@ def config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(config, tmp_path_factory):
-    """The single-process run of every schedule: {name: (step losses, weights)}."""
+    """The single-process run of every variant: {name: (step losses, weights)}."""
     out = {}
-    for name, overrides in SCHEDULES.items():
+    for name, overrides in VARIANTS.items():
         run_dir = tmp_path_factory.mktemp("single") / name
         Trainer(load_config(config, [*overrides, f"run_dir={run_dir}"]), quiet=True).train()
         out[name] = read_run(run_dir)
@@ -110,23 +111,26 @@ def assert_same_training(got, want, label: str) -> None:
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_every_schedule_under_tensor_and_pipeline_parallel(layout, config, single, tmp_path):
+def test_every_variant_under_tensor_and_pipeline_parallel(layout, config, single, tmp_path):
     extra = ["parallel.tensor=2"] if layout == "tp2" else ["parallel.pipeline=2", "train.grad_accum=2"]
-    got = launch_runs(2, config, tmp_path, {name: [*o, *extra] for name, o in SCHEDULES.items()})
-    for name in SCHEDULES:
+    got = launch_runs(2, config, tmp_path, {name: [*o, *extra] for name, o in VARIANTS.items()})
+    for name in VARIANTS:
         assert_same_training(got[name], single[name], f"{layout} {name}")
 
 
 def test_data_parallel_with_every_zero_stage_and_gradient_accumulation(config, single, tmp_path):
     runs = {f"zero{z}_accum{a}": [f"parallel.zero_stage={z}", f"train.grad_accum={a}"] for z in range(4) for a in (1, 2)}
+    runs["carried_offset_accum2"] = [*VARIANTS["carried_offset"], "train.grad_accum=2"]
     got = launch_runs(2, config, tmp_path, runs)
+    assert single["carried_offset"][0][1:] != single["staircase"][0][1:]  # the shifted labels change the training
     for name in runs:
-        assert_same_training(got[name], single["staircase"], f"dp2 {name}")
+        want = "carried_offset" if name.startswith("carried") else "staircase"
+        assert_same_training(got[name], single[want], f"dp2 {name}")
 
 
 def test_data_and_tensor_parallel_with_every_zero_stage(config, single, tmp_path):
     runs = {f"zero{z}": ["parallel.tensor=2", f"parallel.zero_stage={z}"] for z in range(4)}
-    runs["zero3_cached_relative"] = [*runs["zero3"], *SCHEDULES["cached_relative"]]
+    runs["zero3_cached_relative"] = [*runs["zero3"], *VARIANTS["cached_relative"]]
     got = launch_runs(4, config, tmp_path, runs)
     for z in range(4):
         assert_same_training(got[f"zero{z}"], single["staircase"], f"dp2 x tp2 zero{z}")
@@ -136,7 +140,7 @@ def test_data_and_tensor_parallel_with_every_zero_stage(config, single, tmp_path
 def test_pipeline_with_data_or_tensor_parallel(config, single, tmp_path):
     pp2 = ["parallel.pipeline=2", "train.grad_accum=2"]
     got = launch_runs(4, config, tmp_path, {"dp2_pp2_zero0": pp2, "dp2_pp2_zero1": [*pp2, "parallel.zero_stage=1"],
-                                            "cached_relative": [*pp2, *SCHEDULES["cached_relative"]]})
+                                            "cached_relative": [*pp2, *VARIANTS["cached_relative"]]})
     assert_same_training(got["dp2_pp2_zero0"], single["staircase"], "dp2 x pp2 zero0")
     assert_same_training(got["dp2_pp2_zero1"], single["staircase"], "dp2 x pp2 zero1")
     assert_same_training(got["cached_relative"], single["cached_relative"], "dp2 x pp2 cached relative")

@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from stairscale.config import RunConfig
 from stairscale.data.lanes import Batch
 from stairscale.data.loader import LaneLoader, LoaderSpec
-from stairscale.data.prepare import dataset_dir, train_split
+from stairscale.data.prepare import build_task, dataset_dir, train_split
 from stairscale.data.shards import Dataset
 from stairscale.data.tasks import IGNORE
 from stairscale.model.lm import StaircaseLM
@@ -26,6 +26,7 @@ from stairscale.model.provider import Scores
 from stairscale.parallel import collectives
 from stairscale.parallel.groups import Layout, check_layout, init_distributed
 from stairscale.parallel.model import build_model, full_state_dict
+from stairscale.train.carried_offset import CarriedOffset
 from stairscale.train.checkpoint import save_checkpoint
 from stairscale.train.metrics import Tally, headline
 from stairscale.train.optimizer import build_optimizer
@@ -135,6 +136,7 @@ class Trainer:
         self.curve: list[dict] = []
         self.history: list[dict] = []  # loss and gradient norm of every step
         self.unread: list[tuple] = []  # the same, for the steps since the last log line, still on the device
+        self.label_shifts: list[CarriedOffset] | None = None  # train.carried_offset_stages
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -170,7 +172,15 @@ class Trainer:
                 batches = iter(loader)
                 size = len(loader.local_lanes) // t.grad_accum
                 states = [self.model.initial_state(size, self.device) for _ in range(t.grad_accum)]
+                self.label_shifts = self._label_shifts(stage, size)
             yield step, next(batches), states
+
+    def _label_shifts(self, stage: int, lanes: int) -> list[CarriedOffset] | None:
+        """One carried offset per micro-batch where this stage trains on shifted labels."""
+        if stage not in self.cfg.train.carried_offset_stages:
+            return None
+        walk = build_task(self.cfg.task)
+        return [CarriedOffset(walk.positions, walk.first_position_id, lanes, self.device) for _ in range(self.cfg.train.grad_accum)]
 
     def train_step(self, batch: Batch, states: list, lr: float, tally: Tally) -> tuple[Tensor | float, Tensor | float]:
         """One optimizer step over the global batch (on the host; moved to the device here). This
@@ -183,11 +193,15 @@ class Trainer:
         scale = self.layout.dp / max(1, targets)
         size = batch.tokens.shape[0] // t.grad_accum
         micros = [batch.lanes(slice(g * size, (g + 1) * size)) for g in range(t.grad_accum)]
+        on_device = [m.to(self.device) for m in micros]
+        inputs = on_device if self.label_shifts is None else [shift.shift(m) for shift, m in zip(self.label_shifts, on_device)]
         nll = torch.zeros((), dtype=torch.float64, device=self.device)
-        for micro, scores in zip(micros, self._forward_backward([m.to(self.device) for m in micros], states, scale)):
+        for g, (micro, scores) in enumerate(zip(micros, self._forward_backward(inputs, states, scale))):
             if scores is not None:  # None on pipeline stages without the head
-                tally.add(scores, micro.targets, micro.doc_pos)
+                tally.add(scores, micro.targets, micro.doc_pos)  # the true labels
                 nll += scores.nll.sum(dtype=torch.float64)
+                if self.label_shifts is not None:
+                    self.label_shifts[g].update(on_device[g], scores.predicted)
         grad_norm = self.optimizer.step(lr)
         return collectives.sum_over_data_parallel(nll, self.layout) / max(1, targets), grad_norm
 
@@ -213,13 +227,24 @@ class Trainer:
         speed = progress.tokens / (now - progress.window_start)
         summary = collectives.sum_tallies(progress.window, self.layout).summary()
         eta = (now - progress.started) / done * (progress.steps - done)
+        shifted = self._shifted_labels()
         self.log(
             f"step {done}/{progress.steps} | loss {summary['loss']:.4f} | {headline(summary)} | lr {lr:.2e} "
             f"| grad {grad_norm:.3f} | {speed / 1e3:.1f}k tok/s | ETA {_duration(eta)}"
+            + ("" if shifted is None else f" | shifted labels {100 * shifted:.1f}%")
         )
+        if shifted is not None:
+            self._scalars("train", {"shifted_labels": shifted}, done)
         self._scalars("train", summary, done)
         self._scalars("train", {"lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed}, done)
         progress.restart_window()
+
+    def _shifted_labels(self) -> float | None:
+        """Fraction of this rank's training labels shifted by the carried offset since the last log line."""
+        if self.label_shifts is None:
+            return None
+        shifted, supervised = (sum(c) for c in zip(*(shift.take_counts() for shift in self.label_shifts)))
+        return shifted / max(1, supervised)
 
     def _finish(self, train_seconds: float) -> dict:
         """Final validation and test, checkpoint (single-device weights) and results.json."""
