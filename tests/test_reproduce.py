@@ -22,3 +22,4 @@ def test_every_planned_run_is_a_valid_fp32_config_with_its_compile_mode(tmp_path
                 if task == "random_walk":  # one curriculum stage per length, starting at step 0
                     assert len(cfg.task.train_length_steps) == len(budget.walk_lengths)
                     assert cfg.task.train_length_steps[0] == 0
+                    assert cfg.train.carried_offset_stages == budget.walk_carried_offset_stages
