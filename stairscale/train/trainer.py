@@ -176,8 +176,9 @@ class Trainer:
             yield step, next(batches), states
 
     def _label_shifts(self, stage: int, lanes: int) -> list[CarriedOffset] | None:
-        """One carried offset per micro-batch where this stage trains on shifted labels."""
-        if stage not in self.cfg.train.carried_offset_stages:
+        """One carried offset per micro-batch where this stage trains on shifted labels (on the
+        ranks that hold the output head: the others never read the targets)."""
+        if stage not in self.cfg.train.carried_offset_stages or not self.layout.last_stage:
             return None
         walk = build_task(self.cfg.task)
         return [CarriedOffset(walk.positions, walk.first_position_id, lanes, self.device) for _ in range(self.cfg.train.grad_accum)]
