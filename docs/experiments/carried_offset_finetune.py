@@ -18,12 +18,10 @@ from stairscale.train.trainer import Trainer
 
 def main(argv: list[str]) -> None:
     init_run, config, *rest = argv
-    plain = "--plain" in rest
-    overrides = [key for key in rest if key != "--plain"]
-    stages = len(load_config(config, overrides).task.train_lengths)
-    if not plain:
-        overrides.append(f"train.carried_offset_stages={list(range(stages))}")
-    trainer = Trainer(load_config(config, overrides))
+    cfg = load_config(config, [key for key in rest if key != "--plain"])
+    if "--plain" not in rest:
+        cfg.train.carried_offset_stages = list(range(cfg.task.stages))
+    trainer = Trainer(cfg)
     trainer.model.load_state_dict(load_checkpoint(init_run)["model"])
     trainer.train()
 

@@ -244,8 +244,8 @@ class Trainer:
         """Fraction of this rank's training labels shifted by the carried offset since the last log line."""
         if self.label_shifts is None:
             return None
-        shifted, supervised = (sum(c) for c in zip(*(shift.take_counts() for shift in self.label_shifts)))
-        return shifted / max(1, supervised)
+        counts = [shift.take_counts() for shift in self.label_shifts]
+        return sum(shifted for shifted, _ in counts) / max(1, sum(supervised for _, supervised in counts))
 
     def _finish(self, train_seconds: float) -> dict:
         """Final validation and test, checkpoint (single-device weights) and results.json."""
