@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
     cfg = load_config(config, [key for key in rest if key != "--plain"])
     if "--plain" not in rest:
         cfg.train.carried_offset_stages = list(range(cfg.task.stages))
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg.validate())  # the key is set after load_config validated the rest
     trainer.model.load_state_dict(load_checkpoint(init_run)["model"])
     trainer.train()
 
