@@ -1,0 +1,64 @@
+"""Experiment (not part of the package): supervise the rows a Staircase carries to the next chunk.
+
+With window n = 2, a chunk's first-pass top outputs are what the next chunk reads (as the layer
+inputs of the older chunk's second pass); only the second pass reaches the loss. This script adds,
+while training, the output head's loss on each token's first-pass output, weighted W, so the
+carried rows themselves must name the position. Evaluation is unchanged.
+
+usage: python docs/experiments/first_pass_loss.py W CONFIG [key=value ...]
+See docs/reproducing.md, "Supervising the carried rows does not help".
+"""
+
+import sys
+
+import torch
+
+from stairscale.config import load_config
+from stairscale.model.lm import StaircaseLM
+from stairscale.model.provider import Scores
+from stairscale.model.schedules import StaircaseSchedule
+from stairscale.train.trainer import Trainer
+
+plain_steps = StaircaseSchedule.steps
+
+
+def steps_keeping_first_pass(self, x, pos, doc, carried):
+    """The schedule's own core calls; on the way, keep the new chunk's top rows of each step."""
+    inner = plain_steps(self, x, pos, doc, carried)
+    chunks = x.shape[1] // self.chunk
+    self.first_pass = []
+    call = next(inner)
+    for step in range(chunks + self.window - 1):
+        top, layer_inputs = yield call
+        if step < chunks:
+            self.first_pass.append(top[:, -self.chunk :])  # the new chunk sits last in the window
+        try:
+            call = inner.send((top, layer_inputs))
+        except StopIteration as finished:
+            return finished.value
+
+
+def forward_with_first_pass_loss(weight: float):
+    def forward(self, tokens, doc_start, targets, state):
+        final, state = self.body(tokens, doc_start, state)
+        scores = self.head(final, targets)
+        if self.training:
+            first = self.head(torch.cat(self.schedule.first_pass, dim=1), targets)
+            scores = Scores(scores.nll + weight * first.nll, scores.predicted)
+        return scores, state
+
+    return forward
+
+
+def main(argv: list[str]) -> None:
+    weight, config, *overrides = argv
+    cfg = load_config(config, overrides)
+    if cfg.model.schedule != "staircase" or cfg.model.window != 2:
+        sys.exit("first_pass_loss.py: needs model.schedule staircase with model.window 2")
+    StaircaseSchedule.steps = steps_keeping_first_pass
+    StaircaseLM.forward = forward_with_first_pass_loss(float(weight))
+    Trainer(cfg).train()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
