@@ -20,9 +20,9 @@ from stairscale.model.lm import StaircaseLM
 from stairscale.train.checkpoint import load_checkpoint
 
 
-def predictions(run_dir: str, length: int, docs: int) -> tuple[np.ndarray, np.ndarray]:
+def predictions(run_dir: str, length: int, docs: int, after_segment=None) -> tuple[np.ndarray, np.ndarray]:
     """The run's predicted and true labels [docs, length] on its test walks, state carried
-    across segments from a fresh start."""
+    across segments from a fresh start. `after_segment(model)` is called after each segment."""
     cfg = load_config(Path(run_dir) / "config.yaml", [])
     task = build_task(cfg.task)
     walks = task.documents("test", docs, length)
@@ -39,6 +39,8 @@ def predictions(run_dir: str, length: int, docs: int) -> tuple[np.ndarray, np.nd
             piece = slice(start, start + cfg.train.segment_len)
             logprobs, state = model.logprobs(tokens[:, piece], doc_start[:, piece], state)
             predicted.append(logprobs.argmax(-1))
+            if after_segment:
+                after_segment(model)
     return torch.cat(predicted, dim=1).numpy(), labels
 
 
@@ -54,8 +56,9 @@ def report(run_dir: str, length: int, docs: int) -> str:
             f"right after it {100 * np.mean(right_after):.0f}%")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(report=report, description: str = __doc__) -> None:
+    """Print `report(run, length, docs)` for each run named on the command line."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--docs", type=int, default=256)

@@ -10,18 +10,15 @@ positions' means there. Only walks with no wrong prediction yet at a chunk's las
 See docs/reproducing.md, "The bad seeds' carried state drifts with depth".
 """
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import slip_analysis
 from first_pass_loss import steps_keeping_first_pass
 from stairscale.config import load_config
-from stairscale.data.prepare import build_task
-from stairscale.model.lm import StaircaseLM
 from stairscale.model.schedules import StaircaseSchedule
-from stairscale.train.checkpoint import load_checkpoint
 
 TRAINING_DEPTHS = slice(4, 16)
 STRETCH_CHUNKS = 16
@@ -29,26 +26,12 @@ STRETCH_CHUNKS = 16
 
 def carried_rows(run_dir: str, length: int, docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Carried rows [docs, chunks, d], true and predicted positions at each chunk's last token."""
-    cfg = load_config(Path(run_dir) / "config.yaml", [])
-    task = build_task(cfg.task)
-    walks = task.documents("test", docs, length)
-    tokens = torch.tensor(np.stack([walk.tokens for walk in walks]).astype(np.int64))
-    labels = np.stack([walk.labels for walk in walks]).astype(np.int64)
-    doc_start = torch.zeros_like(tokens, dtype=torch.bool)
-    doc_start[:, 0] = True
-    model = StaircaseLM(cfg.model, len(task.vocab), task.vocab.pad_id)
-    model.load_state_dict(load_checkpoint(run_dir)["model"])
-    model.eval()
     StaircaseSchedule.steps = steps_keeping_first_pass
-    state, predicted, rows = model.initial_state(docs), [], []
-    with torch.no_grad():
-        for start in range(0, length, cfg.train.segment_len):
-            piece = slice(start, start + cfg.train.segment_len)
-            logprobs, state = model.logprobs(tokens[:, piece], doc_start[:, piece], state)
-            predicted.append(logprobs.argmax(-1))
-            rows.append(torch.cat(model.schedule.first_pass, dim=1))
-    last = slice(cfg.model.chunk - 1, None, cfg.model.chunk)
-    return torch.cat(rows, 1)[:, last].numpy(), labels[:, last], torch.cat(predicted, 1)[:, last].numpy()
+    rows = []
+    predicted, labels = slip_analysis.predictions(run_dir, length, docs, lambda model: rows.append(torch.cat(model.schedule.first_pass, dim=1)))
+    chunk = load_config(Path(run_dir) / "config.yaml", []).model.chunk
+    last = slice(chunk - 1, None, chunk)
+    return torch.cat(rows, dim=1)[:, last].numpy(), labels[:, last], predicted[:, last]
 
 
 def report(run_dir: str, length: int, docs: int) -> str:
@@ -76,16 +59,5 @@ def report(run_dir: str, length: int, docs: int) -> str:
     return f"{run_dir}: " + " | ".join(stretches)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+")
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--docs", type=int, default=256)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    for run in args.runs:
-        print(report(run, args.length, args.docs), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    slip_analysis.main(report, __doc__)
