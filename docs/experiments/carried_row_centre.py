@@ -15,14 +15,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from first_pass_loss import train_with_forward
 
-from first_pass_loss import steps_keeping_first_pass
 from stairscale.config import load_config
 from stairscale.data.tasks import IGNORE
-from stairscale.model.lm import StaircaseLM
 from stairscale.model.provider import Scores
-from stairscale.model.schedules import StaircaseSchedule
-from stairscale.train.trainer import Trainer
 
 
 def centre_penalty(rows: torch.Tensor, positions: torch.Tensor, layer_norm: bool) -> torch.Tensor:
@@ -57,11 +54,7 @@ def forward_with_centre_penalty(weight: float, layer_norm: bool):
 def main(argv: list[str]) -> None:
     weight, config, *rest = argv
     cfg = load_config(config, [arg for arg in rest if arg != "--layer-norm"])
-    if cfg.model.schedule != "staircase" or cfg.model.window != 2:
-        sys.exit("carried_row_centre.py: needs model.schedule staircase with model.window 2")
-    StaircaseSchedule.steps = steps_keeping_first_pass
-    StaircaseLM.forward = forward_with_centre_penalty(float(weight), "--layer-norm" in rest)
-    Trainer(cfg).train()
+    train_with_forward(cfg, forward_with_centre_penalty(float(weight), "--layer-norm" in rest))
 
 
 if __name__ == "__main__":

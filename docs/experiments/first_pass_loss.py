@@ -50,14 +50,18 @@ def forward_with_first_pass_loss(weight: float):
     return forward
 
 
+def train_with_forward(cfg, forward) -> None:
+    """Train `cfg` with the schedule keeping its first-pass rows and the model's forward replaced."""
+    if cfg.model.schedule != "staircase" or cfg.model.window != 2:
+        sys.exit(f"{sys.argv[0]}: needs model.schedule staircase with model.window 2")
+    StaircaseSchedule.steps = steps_keeping_first_pass
+    StaircaseLM.forward = forward
+    Trainer(cfg).train()
+
+
 def main(argv: list[str]) -> None:
     weight, config, *overrides = argv
-    cfg = load_config(config, overrides)
-    if cfg.model.schedule != "staircase" or cfg.model.window != 2:
-        sys.exit("first_pass_loss.py: needs model.schedule staircase with model.window 2")
-    StaircaseSchedule.steps = steps_keeping_first_pass
-    StaircaseLM.forward = forward_with_first_pass_loss(float(weight))
-    Trainer(cfg).train()
+    train_with_forward(load_config(config, overrides), forward_with_first_pass_loss(float(weight)))
 
 
 if __name__ == "__main__":

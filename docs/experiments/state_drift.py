@@ -13,10 +13,10 @@ See docs/reproducing.md, "The bad seeds' carried state drifts with depth".
 from pathlib import Path
 
 import numpy as np
-import torch
-
 import slip_analysis
+import torch
 from first_pass_loss import steps_keeping_first_pass
+
 from stairscale.config import load_config
 from stairscale.model.schedules import StaircaseSchedule
 
@@ -53,7 +53,8 @@ def report(run_dir: str, length: int, docs: int) -> str:
     for first in range(0, rows.shape[1], STRETCH_CHUNKS):
         chunks = slice(first, first + STRETCH_CHUNKS)
         means = position_means(chunks)
-        drift = np.mean([np.linalg.norm(means[p] - reference[p]) for p in means]) / spacing if means else float("nan")
+        shared = [p for p in means if p in reference]
+        drift = np.mean([np.linalg.norm(means[p] - reference[p]) for p in shared]) / spacing if shared else float("nan")
         norm = np.linalg.norm(rows[:, chunks], axis=-1).mean()
         stretches.append(f"{first * length // rows.shape[1]}: norm {norm:.1f}, drift {drift:.2f}")
     return f"{run_dir}: " + " | ".join(stretches)
