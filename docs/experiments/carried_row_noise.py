@@ -14,41 +14,34 @@ make one".
 import sys
 
 import torch
+from first_pass_loss import steps_with_top_hook
 
 from stairscale.config import load_config
 from stairscale.model.lm import StaircaseLM
 from stairscale.model.schedules import StaircaseSchedule
 from stairscale.train.trainer import Trainer
 
-plain_steps = StaircaseSchedule.steps
 plain_body = StaircaseLM.body
 
 
-def steps_with_noisy_rows(self, x, pos, doc, carried):
-    """The schedule's own core calls, with noise added in training to the top outputs that are
-    carried to the next call (not to the chunk that has had its last pass)."""
-    inner = plain_steps(self, x, pos, doc, carried)
-    call = next(inner)
-    for step in range(x.shape[1] // self.chunk + self.window - 1):
-        top, layer_inputs = yield call
-        if self.noise:
-            final = top[:, : self.chunk] if step >= self.window - 1 else top[:, :0]
-            carried_on = top[:, final.shape[1] :]
-            scale = carried_on.pow(2).mean(-1, keepdim=True).sqrt().detach() if self.relative else 1.0
-            top = torch.cat([final, carried_on + self.noise * scale * torch.randn_like(carried_on)], dim=1)
-        try:
-            call = inner.send((top, layer_inputs))
-        except StopIteration as finished:
-            return finished.value
+def noisy_rows(sigma: float, relative: bool):
+    """A top hook (first_pass_loss.steps_with_top_hook) adding noise, in training, to the rows
+    carried to the next call: all but the chunk that has had its last pass."""
+
+    def on_top(schedule, step, new_chunk, top):
+        if not schedule.training:
+            return top
+        final = schedule.chunk if step >= schedule.window - 1 else 0
+        carried_on = top[:, final:]
+        scale = carried_on.pow(2).mean(-1, keepdim=True).sqrt().detach() if relative else 1.0
+        return torch.cat([top[:, :final], carried_on + sigma * scale * torch.randn_like(carried_on)], dim=1)
+
+    return on_top
 
 
-def body_with_noise(sigma: float, relative: bool):
-    def body(self, tokens, doc_start, state):
-        self.schedule.noise = sigma if self.training else 0.0
-        self.schedule.relative = relative
-        return plain_body(self, tokens, doc_start, state)
-
-    return body
+def body_telling_schedule_training(self, tokens, doc_start, state):
+    self.schedule.training = self.training
+    return plain_body(self, tokens, doc_start, state)
 
 
 def main(argv: list[str]) -> None:
@@ -56,8 +49,8 @@ def main(argv: list[str]) -> None:
     cfg = load_config(config, [arg for arg in rest if arg != "--relative"])
     if cfg.model.schedule != "staircase":
         sys.exit(f"{sys.argv[0]}: needs model.schedule staircase")
-    StaircaseSchedule.steps = steps_with_noisy_rows
-    StaircaseLM.body = body_with_noise(float(sigma), "--relative" in rest)
+    StaircaseSchedule.steps = steps_with_top_hook(noisy_rows(float(sigma), "--relative" in rest))
+    StaircaseLM.body = body_telling_schedule_training
     Trainer(cfg).train()
 
 

@@ -22,20 +22,34 @@ from stairscale.train.trainer import Trainer
 plain_steps = StaircaseSchedule.steps
 
 
-def steps_keeping_first_pass(self, x, pos, doc, carried):
-    """The schedule's own core calls; on the way, keep the new chunk's top rows of each step."""
-    inner = plain_steps(self, x, pos, doc, carried)
-    chunks = x.shape[1] // self.chunk
-    self.first_pass = []
-    call = next(inner)
-    for step in range(chunks + self.window - 1):
-        top, layer_inputs = yield call
-        if step < chunks:
-            self.first_pass.append(top[:, -self.chunk :])  # the new chunk sits last in the window
-        try:
-            call = inner.send((top, layer_inputs))
-        except StopIteration as finished:
-            return finished.value
+def steps_with_top_hook(on_top):
+    """StaircaseSchedule.steps with `on_top(schedule, step, new_chunk, top)` given each core call's
+    top outputs, and what it returns sent on in their place (new_chunk: the call has a new chunk)."""
+
+    def steps(self, x, pos, doc, carried):
+        inner = plain_steps(self, x, pos, doc, carried)
+        chunks = x.shape[1] // self.chunk
+        call = next(inner)
+        for step in range(chunks + self.window - 1):
+            top, layer_inputs = yield call
+            top = on_top(self, step, step < chunks, top)
+            try:
+                call = inner.send((top, layer_inputs))
+            except StopIteration as finished:
+                return finished.value
+
+    return steps
+
+
+def keep_first_pass(schedule, step, new_chunk, top):
+    if step == 0:
+        schedule.first_pass = []
+    if new_chunk:
+        schedule.first_pass.append(top[:, -schedule.chunk :])  # the new chunk sits last in the window
+    return top
+
+
+steps_keeping_first_pass = steps_with_top_hook(keep_first_pass)
 
 
 def forward_with_first_pass_loss(weight: float):
