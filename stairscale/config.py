@@ -78,12 +78,12 @@ class ModelConfig:
             cached = self.schedule != "staircase"
             need(not cached or self.cache_len > 0, "cache_len", f"schedule {self.schedule} needs cache_len > 0")
             need(cached or self.cache_len == 0, "cache_len", "only the cached schedules use a cache")
-            if cached and self.positions == "relative":
-                need(
-                    self.attn_lim >= window_rows + self.cache_len,
-                    "attn_lim",
-                    f"{self.attn_lim} is shorter than window + cache = {window_rows + self.cache_len} (relative positions)",
-                )
+            # Keys at distance >= attn_lim are masked, so a longer cache would never be seen.
+            need(
+                not cached or self.attn_lim >= window_rows + self.cache_len,
+                "attn_lim",
+                f"{self.attn_lim} is shorter than window + cache = {window_rows + self.cache_len}",
+            )
             need(self.mem_len == 0, "mem_len", f"schedule {self.schedule} has no layer memory")
         else:
             need(self.cache_len == 0, "cache_len", f"schedule {self.schedule} has no cache")

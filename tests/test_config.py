@@ -48,8 +48,11 @@ def test_bad_values_name_the_key(overrides, key):
     assert error_for(*overrides).startswith(key)
 
 
-def test_rope_allows_cache_beyond_attn_lim():
-    load_config(None, ["model.schedule=cached", "model.cache_len=64", "model.positions=rope", "model.attn_lim=32"])
+def test_cache_must_fit_in_the_span_with_either_positions():
+    for positions in ("relative", "rope"):
+        cached = ["model.schedule=global_cached", "model.cache_len=64", f"model.positions={positions}"]
+        assert error_for(*cached, "model.attn_lim=79").startswith("model.attn_lim")
+        load_config(None, [*cached, "model.attn_lim=80"])
 
 
 def test_bad_file(tmp_path):

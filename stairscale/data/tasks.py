@@ -1,6 +1,6 @@
 """Tasks: turn a task definition into documents (token ids plus aligned labels).
 
-Three tasks, as described in STAIRCASE.md ("Documents, lanes, labels" and
+Three tasks, as described in docs/staircase.md ("Documents, lanes, labels" and
 "The paper's tasks and headline results"):
 
 * :class:`RandomWalkTask` -- state tracking on a ring (ours).

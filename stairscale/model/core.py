@@ -62,13 +62,14 @@ def _rope_tables(offsets: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
 
 
 def _rotate(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotary embedding of the last rows of the keys, half-split pairing (dimension i rotates with
-    i + head_dim/2): first * cos - second * sin, second * cos + first * sin, as one expression."""
+    """Rotary embedding of x's rows, which are the last rows of the call's keys (queries are the
+    last of them), half-split pairing (dimension i rotates with i + head_dim/2): first * cos -
+    second * sin, second * cos + first * sin, as one expression. At least float32 throughout."""
     rows = x.shape[-2]
     cos, signed_sin = rope[0][-rows:], rope[1][-rows:]
-    x32 = x.float()
-    first, second = x32.chunk(2, dim=-1)
-    return (x32 * cos + torch.cat([second, first], dim=-1) * signed_sin).to(x.dtype)
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    first, second = wide.chunk(2, dim=-1)
+    return (wide * cos + torch.cat([second, first], dim=-1) * signed_sin).to(x.dtype)
 
 
 class Attention(nn.Module):
