@@ -1,4 +1,4 @@
-"""The `stairscale` command line: train, eval, reproduce."""
+"""The `stairscale` command line: train, eval, prepare-data, bench, reproduce."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from stairscale.config import COMPILE_MODES, ConfigError, load_config
+from stairscale.data.shards import DataError
+from stairscale.train.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser("eval", help="score a finished run's checkpoint on a split")
     evaluate.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoint.pt)")
     evaluate.add_argument("--split", default="test", choices=["valid", "test"])
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an evaluation key, e.g. task.eval_length=512")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a task or data key for scoring, e.g. task.eval_length=512")
 
     prepare = commands.add_parser("prepare-data", help="write the task's splits as webdataset shards with a manifest")
     prepare.add_argument("--config", help="YAML run config (its task section is used)")
@@ -73,15 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             print(json.dumps(evaluate_run(args.run, args.split, args.set), indent=2))
         else:
-            from stairscale.reproduce import FULL, QUICK, fit_steps_scale, reproduce_tracking
+            from stairscale.reproduce import FULL, QUICK, RunFailed, fit_steps_scale, reproduce_tracking
 
             scale = args.steps_scale
             if args.fit_minutes:
                 scale = fit_steps_scale(QUICK if args.quick else FULL, Path(args.out), args.fit_minutes, args.compile)
-            reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale, compile=args.compile)
+            try:
+                reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale, compile=args.compile)
+            except RunFailed as err:
+                print(f"stairscale: error: {err}", file=sys.stderr)
+                return 1
     except ConfigError as err:
         print(f"stairscale: config error: {err}", file=sys.stderr)
         return 2
+    except (DataError, CheckpointError) as err:
+        print(f"stairscale: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -93,11 +102,18 @@ def score_run(run_dir: str, split: str, overrides: list[str] = ()):
     from stairscale.train.checkpoint import load_checkpoint
     from stairscale.train.trainer import evaluate, make_loader, resolve_device
 
+    for assignment in overrides:
+        if not assignment.startswith(("task.", "data.")):
+            raise ConfigError(f"--set {assignment!r}: scoring may change task.* and data.* keys; the rest is the run's")
     cfg = load_config(Path(run_dir) / "config.yaml", overrides)
     root = dataset_dir(cfg)
     vocab = Dataset(root).vocab
     model = StaircaseLM(cfg.model, len(vocab), vocab.pad_id)  # checkpoints hold single-device weights
-    model.load_state_dict(load_checkpoint(run_dir)["model"])
+    weights = load_checkpoint(run_dir)["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # shapes or names that differ from the run's config.yaml
+        raise CheckpointError(f"checkpoint in {run_dir} does not fit the model of its config.yaml: {err}") from err
     device = resolve_device(cfg)
     return evaluate(model.to(device), cfg, make_loader(cfg, root, split, training=False), device)
 

@@ -64,7 +64,8 @@ class ModelConfig:
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         need(self.window >= 1, "window", f"n must be >= 1, got {self.window}")
         need(self.repeats >= 1, "repeats", f"R must be >= 1, got {self.repeats}")
-        need(self.cache_len >= 0 and self.mem_len >= 0, "cache_len" if self.cache_len < 0 else "mem_len", "must be >= 0")
+        for key in ("cache_len", "mem_len"):
+            need(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         need(self.d_model % self.n_heads == 0, "n_heads", f"{self.n_heads} does not divide d_model={self.d_model}")
         head_dim = self.d_model // self.n_heads
         need(self.positions != "rope" or head_dim % 2 == 0, "positions", f"rope needs an even head_dim, got {head_dim}")
@@ -104,7 +105,7 @@ class TaskConfig:
     train_lengths: list[int] = field(default_factory=lambda: [64])
     train_length_steps: list[int] = field(default_factory=lambda: [0])
     eval_length: int = 128  # random walk validation/test document length
-    eval_docs: int = 64  # random walk / algorithmic: documents per validation or test evaluation (0 = all)
+    eval_docs: int = 64  # random walk / algorithmic: documents per validation or test evaluation (0: 1,000 walks, or all programs)
     train_docs: int = 50000  # random walk: training documents per curriculum length
     train_length_spread: float = 0.5  # random walk: training lengths uniform in [L*(1-spread), L]
     piece_len: int = 1 << 20  # text: longer documents are cut into pieces of this many bytes
@@ -117,25 +118,24 @@ class TaskConfig:
         return len(self.train_lengths) if self.name == "random_walk" else 1
 
     def validate(self) -> None:
-        if self.name not in ("random_walk", "algorithmic", "text"):
-            raise ConfigError(f"task.name: {self.name!r} is not random_walk, algorithmic or text")
-        if len(self.train_lengths) != len(self.train_length_steps) or not self.train_lengths:
-            raise ConfigError("task.train_length_steps: needs one start step per entry of task.train_lengths")
-        if self.train_length_steps[0] != 0 or sorted(self.train_length_steps) != self.train_length_steps:
-            raise ConfigError("task.train_length_steps: must start at 0 and increase")
-        if min(self.train_lengths) < 2 or self.eval_length < 2:
-            raise ConfigError("task.train_lengths: documents need at least 2 tokens (start token + one move)")
-        if self.tokenizer not in ("bytes", "bpe"):
-            raise ConfigError(f"task.tokenizer: {self.tokenizer!r} is not bytes or bpe")
-        if self.tokenizer == "bpe" and self.name != "text":
-            raise ConfigError("task.tokenizer: bpe is for the text task only")
-        if self.bpe_vocab < 300:
-            raise ConfigError(f"task.bpe_vocab: {self.bpe_vocab} is too small (the byte alphabet alone is 256)")
-        if not 0.0 <= self.train_length_spread < 1.0:
-            raise ConfigError("task.train_length_spread: must be in [0, 1)")
+        need = _checker("task")
+
+        need(self.name in ("random_walk", "algorithmic", "text"), "name", f"{self.name!r} is not random_walk, algorithmic or text")
+        need(self.positions >= 2, "positions", f"the ring needs at least 2 positions, got {self.positions}")
+        need(2 <= self.variables <= 5, "variables", f"programs have 2 to 5 variables (the paper: 3 or 5), got {self.variables}")
+        need(self.format in ("auto", "files", "bytes", "enwik8"), "format", f"{self.format!r} is not auto, files, bytes or enwik8")
+        need(self.name != "text" or not self.path or Path(self.path).expanduser().exists(), "path", f"{self.path!r} does not exist")
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        steps = self.train_length_steps
+        need(len(self.train_lengths) == len(steps) and self.train_lengths, "train_length_steps", "needs one start step per entry of task.train_lengths")
+        need(steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:])), "train_length_steps", "must start at 0 and increase")
+        need(min(self.train_lengths) >= 2 and self.eval_length >= 2, "train_lengths", "documents need at least 2 tokens (start token + one move)")
+        need(self.tokenizer in ("bytes", "bpe"), "tokenizer", f"{self.tokenizer!r} is not bytes or bpe")
+        need(self.tokenizer != "bpe" or self.name == "text", "tokenizer", "bpe is for the text task only")
+        need(self.bpe_vocab >= 300, "bpe_vocab", f"{self.bpe_vocab} is too small (the byte alphabet alone is 256)")
+        need(0.0 <= self.train_length_spread < 1.0, "train_length_spread", "must be in [0, 1)")
         for key in ("eval_docs", "train_docs", "piece_len"):
-            if getattr(self, key) < (0 if key == "eval_docs" else 1):
-                raise ConfigError(f"task.{key}: must be positive, got {getattr(self, key)}")
+            need(getattr(self, key) >= (0 if key == "eval_docs" else 1), key, f"must be positive, got {getattr(self, key)}")
 
 
 @dataclass
@@ -148,13 +148,12 @@ class DataConfig:
     on_bad_sample: str = "error"  # error | skip (skipped samples are counted and logged)
 
     def validate(self) -> None:
-        if self.on_bad_sample not in ("error", "skip"):
-            raise ConfigError(f"data.on_bad_sample: {self.on_bad_sample!r} is not error or skip")
+        need = _checker("data")
+
+        need(self.on_bad_sample in ("error", "skip"), "on_bad_sample", f"{self.on_bad_sample!r} is not error or skip")
         for key in ("shard_docs", "workers"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"data.{key}: must be >= 0")
-        if self.prefetch < 1:
-            raise ConfigError("data.prefetch: must be >= 1")
+            need(getattr(self, key) >= 0, key, "must be >= 0")
+        need(self.prefetch >= 1, "prefetch", "must be >= 1")
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -196,7 +195,12 @@ class TrainConfig:
         need(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", f"{self.precision!r} is not auto, fp32 or bf16")
         need(self.compile in COMPILE_MODES, "compile", f"{self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
-        need(self.warmup_steps >= 0 and self.grad_clip >= 0, "warmup_steps" if self.warmup_steps < 0 else "grad_clip", "must be >= 0")
+        for key in ("warmup_steps", "grad_clip", "weight_decay", "eval_every", "seed", "threads"):
+            need(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        need(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        for key in ("beta1", "beta2"):
+            need(0.0 <= getattr(self, key) < 1.0, key, "must be in [0, 1)")
+        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         need(not self.stage_lr or self.lr_restarts, "stage_lr", "needs train.lr_restarts: true")
         need(all(lr > 0 for lr in self.stage_lr), "stage_lr", "every stage's lr must be > 0")
 
@@ -216,7 +220,8 @@ class ParallelConfig:
     def validate(self, model: ModelConfig) -> None:
         need = _checker("parallel")
 
-        need(self.tensor >= 1 and self.pipeline >= 1, "tensor" if self.tensor < 1 else "pipeline", "must be >= 1")
+        for key in ("tensor", "pipeline"):
+            need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         need(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")
         need(self.backend in ("auto", "gloo", "nccl"), "backend", f"{self.backend!r} is not auto, gloo or nccl")
         need(model.n_heads % self.tensor == 0, "tensor", f"{self.tensor} does not divide model.n_heads={model.n_heads}")
@@ -245,6 +250,9 @@ class RunConfig:
         self.train.validate()
         self.model.validate(self.train.segment_len)
         self.parallel.validate(self.model)
+        if self.task.stages > 1 and self.task.train_length_steps[-1] >= self.train.steps:
+            raise ConfigError(f"task.train_length_steps: stage {self.task.stages - 1} starts at step "
+                              f"{self.task.train_length_steps[-1]}, after the run's train.steps={self.train.steps}")
         if self.train.stage_lr and len(self.train.stage_lr) != self.task.stages:
             raise ConfigError(f"train.stage_lr: {len(self.train.stage_lr)} values for {self.task.stages} curriculum stages")
         for stage in self.train.carried_offset_stages:
@@ -301,12 +309,17 @@ def apply_override(data: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: expected key=value")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: {key!r} is not a dotted key such as train.steps")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: {raw!r} is not a valid YAML value: {err}") from err
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

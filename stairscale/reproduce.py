@@ -97,7 +97,7 @@ def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: fl
     # fp32 on every device: the recipes were tuned in fp32, and these tiny models are bound by
     # operation count, to which bf16 autocast adds its casts (docs/benchmarks.md).
     train = dict(lanes=budget.lanes, segment_len=64, lr=2e-3, warmup_steps=200, grad_clip=0.25, lr_schedule="cosine",
-                 eval_every=0, log_every=100, threads=budget.threads, device=budget.device, precision="fp32", compile=compile)
+                 log_every=100, threads=budget.threads, device=budget.device, precision="fp32", compile=compile)
     if task == "random_walk":
         steps = max(10, round(budget.walk_steps[model] * steps_scale))
         task_cfg = dict(name="random_walk", positions=8, train_lengths=budget.walk_lengths,
@@ -115,13 +115,17 @@ def launch(config: dict) -> subprocess.Popen:
     run_dir = Path(config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "requested.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    log = open(run_dir / "train.log", "w")
     command = [sys.executable, "-m", "stairscale.cli", "train", "--config", str(run_dir / "requested.yaml")]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with open(run_dir / "train.log", "w") as log:  # the child keeps its own handle
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+class RunFailed(RuntimeError):
+    """A training run of an experiment exited with an error."""
 
 
 def run_all(configs: list[dict], parallel: int) -> None:
-    """Run the configs, `parallel` at a time, longest first; stop on the first failure."""
+    """Run the configs, `parallel` at a time, longest first; on the first failure stop the others."""
     pending = sorted(configs, key=lambda c: -c["train"]["steps"] * (2 if c["model"]["schedule"] == "staircase" else 1))
     running: list[tuple[subprocess.Popen, dict]] = []
     while pending or running:
@@ -134,7 +138,10 @@ def run_all(configs: list[dict], parallel: int) -> None:
             if proc.poll() is not None:
                 running.remove((proc, config))
                 if proc.returncode:
-                    raise RuntimeError(f"{config['run_dir']} failed (exit {proc.returncode}); see its train.log")
+                    for other, _ in running:
+                        other.terminate()
+                        other.wait()
+                    raise RunFailed(f"{config['run_dir']} failed (exit {proc.returncode}); see its train.log")
                 print(f"  done  {config['run_dir']}", flush=True)
 
 

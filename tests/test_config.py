@@ -42,6 +42,19 @@ def test_overrides_are_typed():
         (["task.tokenizer=bpe"], "task.tokenizer"),  # the random walk has its own vocabulary
         (["task.name=text", "task.tokenizer=wordpiece"], "task.tokenizer"),
         (["task.train_length_steps=[0,5]"], "task.train_length_steps"),  # two starts, one length
+        (["task.train_lengths=[64,128]", "task.train_length_steps=[0,0]"], "task.train_length_steps"),
+        (["task.train_lengths=[64,128]", "task.train_length_steps=[0,2000]"], "task.train_length_steps"),  # after the last step
+        (["task.positions=1"], "task.positions"),
+        (["task.name=text", "task.format=xml"], "task.format"),
+        (["task.name=text", "task.path=/no/such/corpus"], "task.path"),
+        (["task.seed=-1"], "task.seed"),
+        (["train.seed=-1"], "train.seed"),
+        (["train.log_every=0"], "train.log_every"),
+        (["train.eval_every=-1"], "train.eval_every"),
+        (["train.beta1=1.5"], "train.beta1"),
+        (["train.weight_decay=-0.1"], "train.weight_decay"),
+        (["train.min_lr_ratio=2"], "train.min_lr_ratio"),
+        (["train.steps=[1"], "train.steps"),  # not valid YAML
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
@@ -53,6 +66,10 @@ def test_cache_must_fit_in_the_span_with_either_positions():
         cached = ["model.schedule=global_cached", "model.cache_len=64", f"model.positions={positions}"]
         assert error_for(*cached, "model.attn_lim=79").startswith("model.attn_lim")
         load_config(None, [*cached, "model.attn_lim=80"])
+
+
+def test_set_needs_a_dotted_key():
+    assert "--set" in error_for("=3") and "--set" in error_for("train.=3") and "--set" in error_for("steps")
 
 
 def test_bad_file(tmp_path):

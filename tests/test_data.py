@@ -15,7 +15,7 @@ import webdataset as wds
 
 from stairscale.config import TaskConfig
 from stairscale.data.loader import LaneLoader, LoaderSpec
-from stairscale.data.prepare import prepare_dataset
+from stairscale.data.prepare import content_hash, prepare_dataset
 from stairscale.data.shards import MANIFEST, DataError, Dataset, Shard
 
 LANES, SEGMENT, CHUNK = 4, 16, 4
@@ -272,3 +272,17 @@ def test_writer_refuses_bad_documents(tmp_path):
     with pytest.raises(DataError, match="split train, document 1: token id 7 outside"):
         write_dataset(tmp_path / "d", vocab, False, {"train": [Document(np.array([1, 2])), Document(np.array([1, 7]))]}, 0, {})
     assert not (tmp_path / "d").exists()
+
+
+def test_a_changed_text_corpus_is_another_dataset(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("first version")
+    cfg = TaskConfig(name="text", path=str(corpus))
+    before = content_hash(cfg)
+    assert content_hash(cfg) == before
+    (corpus / "a.txt").write_text("second version, longer")
+    edited = content_hash(cfg)
+    assert edited != before
+    (corpus / "b.txt").write_text("a new file")
+    assert content_hash(cfg) != edited

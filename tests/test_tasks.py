@@ -271,13 +271,17 @@ def test_text_files_split(text_tree):
     assert list(blob.tokens[1:]) == list(range(256))
 
 
-def test_text_single_file_is_one_document(tmp_path):
+def test_text_single_file_is_cut_by_bytes(tmp_path):
     p = tmp_path / "notes.txt"
-    p.write_bytes(b"hello")
+    p.write_bytes(bytes(range(200)))
     task = TextTask(path=str(p))
-    assert task.format == "files"
-    docs = [d for s in ("train", "valid", "test") for d in task.documents(s)]
-    assert len(docs) == 1 and list(docs[0].tokens) == [256] + list(b"hello")
+    assert task.format == "bytes"
+    parts = [task.documents(s) for s in ("train", "valid", "test")]
+    assert [len(docs) for docs in parts] == [1, 1, 1]
+    assert [list(docs[0].tokens) for docs in parts] == [[256, *range(180)], [256, *range(180, 190)], [256, *range(190, 200)]]
+    # as format "files" it is one document, so two splits are empty
+    files = TextTask(path=str(p), format="files")
+    assert sorted(len(files.documents(s)) for s in ("train", "valid", "test")) == [0, 0, 1]
 
 
 def test_text_enwik8_format(tmp_path):
@@ -292,10 +296,10 @@ def test_text_enwik8_format(tmp_path):
     assert sizes == {"train": 1800, "valid": 100, "test": 100}
     joined = np.concatenate([parts[s][0].tokens[1:] for s in ("train", "valid", "test")])
     assert np.array_equal(joined, data) and parts["train"][0].tokens[0] == 256
-    # explicit format on a file of another name; auto would read it as a text file
+    # explicit format on a file of another name; auto cuts it by bytes at the same proportions
     other = tmp_path / "data.bin"
     data.tofile(other)
-    assert TextTask(path=str(other)).format == "files"
+    assert TextTask(path=str(other)).format == "bytes"
     assert len(TextTask(path=str(other), format="enwik8").documents("test")[0].tokens) == 101
 
 
@@ -314,7 +318,7 @@ def test_text_errors(tmp_path):
 def test_text_unreadable_file_is_named(tmp_path, monkeypatch):
     p = tmp_path / "secret.txt"
     p.write_bytes(b"x")
-    task = TextTask(path=str(p))
+    task = TextTask(path=str(p), format="files")
 
     def refuse(*args, **kwargs):  # a permission error, even when the tests run as root
         raise PermissionError(13, "Permission denied")

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stairscale.bench import bench_step
 from stairscale.config import ConfigError, load_config
+from stairscale.data.shards import DataError
 from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_loader
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
@@ -61,6 +62,18 @@ def test_text_task_reports_bits_per_byte(tmp_path, tiny):
     results = Trainer(cfg, quiet=True).train()
     assert 0 < results["test"]["bpb"] < 10 and "error" not in results["test"]
     assert results["test"]["perplexity"] == pytest.approx(2 ** results["test"]["bpb"])
+
+
+def test_a_text_file_is_cut_into_splits_and_an_empty_split_fails_before_training(tmp_path, tiny):
+    corpus = tmp_path / "book.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    results = Trainer(tiny(tmp_path, "train.steps=2", "task.name=text", f"task.path={corpus}"), quiet=True).train()
+    assert results["test"]["bpb"] > 0
+    # As one document ("files"), it fills one split and leaves the others empty.
+    cfg = tiny(tmp_path / "files", "train.steps=2", "task.name=text", f"task.path={corpus}", "task.format=files")
+    with pytest.raises(DataError, match="has no documents"):
+        Trainer(cfg, quiet=True)
+    assert not (tmp_path / "files" / "run").exists()
 
 
 def test_loss_decreases_on_the_random_walk(tmp_path, tiny):
@@ -125,6 +138,16 @@ def test_cli_train_then_eval_agree(tmp_path, cache):
     result = json.loads(scored.stdout)
     expected = json.loads((run / "results.json").read_text())["test"]
     assert abs(result["error"] - expected["error"]) < 1e-9
+    # Bad input: a clear message naming the key or the file, no traceback.
+    changed = subprocess.run(cmd + ["eval", "--run", str(run), "--set", "model.d_model=32"], capture_output=True, text=True)
+    assert changed.returncode == 2 and "model.d_model" in changed.stderr and "Traceback" not in changed.stderr
+    checkpoint = run / "checkpoint.pt"
+    for damage, problem in ((lambda: checkpoint.write_bytes(checkpoint.read_bytes()[:1000]), "cannot be read"),
+                            (checkpoint.unlink, "no checkpoint")):
+        damage()
+        failed = subprocess.run(cmd + ["eval", "--run", str(run)], capture_output=True, text=True)
+        assert failed.returncode == 1 and problem in failed.stderr and str(checkpoint) in failed.stderr
+        assert "Traceback" not in failed.stderr
 
 
 def test_cli_config_error_names_the_key(tmp_path):

@@ -1,7 +1,8 @@
 """`stairscale prepare-data`: the task generators write their splits as shards.
 
 Training, evaluation and benchmarks all read prepared shards through the lane loader; a run with
-no `data.dir` prepares its task's dataset once into a cache directory named by the task config.
+no `data.dir` prepares its task's dataset once into a cache directory named by the task config (and,
+for text, by the corpus as it is now).
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def bpe_encode(splits: dict[str, list[Document]], vocab_size: int) -> tuple[Voca
 
 def content_hash(cfg: TaskConfig) -> str:
     content = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_CONTENT}
+    if cfg.name == "text":  # the same config over a changed corpus makes another dataset
+        content["source"] = build_task(cfg).fingerprint()
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -308,20 +308,24 @@ def _pick(u: float, n: int) -> int:
 class TextTask:
     """Byte-level language modelling: byte b has id b; then ``<bos>`` (256) and ``<pad>`` (257).
 
-    format "files": ``path`` is a text file or a directory tree; each non-empty file is one
-    document, assigned to train/valid/test (~90/5/5%) by ``zlib.crc32`` of its relative path
-    (for a single file: its name). ``path=None`` means every ``*.py`` file of the running
-    interpreter's standard library (site-packages/dist-packages left out).
+    format "files": ``path`` is a directory tree (or one file); each non-empty file is one
+    document, assigned to train/valid/test (~90/5/5%) by ``zlib.crc32`` of its relative path.
+    ``path=None`` means every ``*.py`` file of the running interpreter's standard library
+    (site-packages/dist-packages left out).
 
-    format "enwik8": ``path`` is one byte file; each split is ONE document: bytes
-    [0, 90M), [90M, 95M), [95M, 100M). A file shorter than 100,000,000 bytes is cut in the
-    same 90/5/5 proportions; bytes past the first 100,000,000 of a longer file are unused.
+    format "bytes": ``path`` is one file, cut by bytes into train/valid/test (90/5/5%); each split
+    is ONE document.
 
-    format "auto": "enwik8" when ``path`` is a file whose name starts with "enwik", else "files".
+    format "enwik8": as "bytes", at the enwik8 benchmark's cuts: bytes [0, 90M), [90M, 95M),
+    [95M, 100M). A file shorter than 100,000,000 bytes is cut in the 90/5/5 proportions; bytes
+    past the first 100,000,000 of a longer file are unused.
+
+    format "auto": "files" for a directory, "enwik8" for a file whose name starts with "enwik",
+    "bytes" for any other file.
     """
 
     name = "text"
-    FORMATS = ("auto", "files", "enwik8")
+    FORMATS = ("auto", "files", "bytes", "enwik8")
     ENWIK8_CUTS = (90_000_000, 95_000_000, 100_000_000)
 
     def __init__(self, path: str | None = None, format: str = "auto", seed: int = 0):
@@ -335,10 +339,12 @@ class TextTask:
         if not os.path.exists(self.path):
             raise ValueError(f"path does not exist: path={self.path!r}")
         if format == "auto":
-            is_enwik = os.path.isfile(self.path) and os.path.basename(self.path).startswith("enwik")
-            format = "enwik8" if is_enwik else "files"
-        if format == "enwik8" and not os.path.isfile(self.path):
-            raise ValueError(f"format 'enwik8' needs a single file, got path={self.path!r}")
+            if not os.path.isfile(self.path):
+                format = "files"
+            else:
+                format = "enwik8" if os.path.basename(self.path).startswith("enwik") else "bytes"
+        if format in ("bytes", "enwik8") and not os.path.isfile(self.path):
+            raise ValueError(f"format {format!r} needs a single file, got path={self.path!r}")
         self.format = format
         self._files: dict[str, list[str]] | None = None
 
@@ -347,8 +353,8 @@ class TextTask:
     def documents(self, split: str) -> list[Document]:
         """The documents of a split (labels None, tokens uint16, each starting with BOS)."""
         split_index(split)
-        if self.format == "enwik8":
-            return [self._enwik8(split)]
+        if self.format != "files":
+            return [self._byte_range(split)]
         docs = []
         for rel in self.files(split):
             data = self._read(rel)
@@ -367,6 +373,15 @@ class TextTask:
                 self._files[self._split_of(rel)].append(rel)
         return self._files[split]
 
+    def fingerprint(self) -> list:
+        """The corpus as it is now: its absolute path and every file's size and modification time.
+        A dataset prepared from it is stale once this changes (an edited file, another
+        interpreter's standard library)."""
+        root = os.path.abspath(self.path)
+        names = self._list_files() if self.format == "files" else [os.path.basename(root)]
+        stats = [os.stat(root if os.path.isfile(root) else os.path.join(root, name)) for name in names]
+        return [root, self.format, [(name, st.st_size, st.st_mtime_ns) for name, st in zip(names, stats)]]
+
     # -- helpers
 
     def _document(self, data: np.ndarray) -> Document:
@@ -375,10 +390,10 @@ class TextTask:
         tokens[1:] = data
         return Document(tokens, None)
 
-    def _enwik8(self, split: str) -> Document:
+    def _byte_range(self, split: str) -> Document:
         size = os.path.getsize(self.path)
         cuts = self.ENWIK8_CUTS
-        if size < cuts[-1]:
+        if self.format == "bytes" or size < cuts[-1]:
             cuts = tuple(size * c // cuts[-1] for c in cuts)
         bounds = (0,) + cuts
         i = split_index(split)

@@ -152,7 +152,9 @@ class Core(nn.Module):
         """Compile what one core call computes, one graph for each shape of call a schedule makes
         (a handful per segment). Meant for the GPU, where an eager call is a hundred-odd small
         kernel launches (docs/benchmarks.md: measured on the CPU only so far)."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # A filling cache makes one more shape per chunk it holds.
+        shapes = 64 + self.cfg.cache_len // self.cfg.chunk
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager in silence
         compiled = torch.compile(self._layers, mode=mode, backend=backend, fullgraph=True, dynamic=False)
         if mode == "reduce-overhead":

@@ -10,6 +10,10 @@ import torch
 CHECKPOINT = "checkpoint.pt"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model; the message names the file."""
+
+
 def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
     path = Path(run_dir) / CHECKPOINT
     tmp = path.with_suffix(".pt.tmp")
@@ -23,8 +27,8 @@ def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
 def load_checkpoint(run_dir: str | Path) -> dict:
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (was the run finished or saved?)")
+        raise CheckpointError(f"no checkpoint at {path} (was the run finished or saved?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file: say which file
-        raise RuntimeError(f"checkpoint {path} cannot be read: {err}") from err
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from err

@@ -1,4 +1,5 @@
-"""Single-process training: AdamW, warm-up + cosine/constant LR, clipping, accumulation, evaluation."""
+"""Training one run, in one process or as one rank of a parallel launch: AdamW, warm-up +
+cosine/constant LR, clipping, accumulation, evaluation, checkpoint, TensorBoard."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from stairscale.config import RunConfig
 from stairscale.data.lanes import Batch
 from stairscale.data.loader import LaneLoader, LoaderSpec
 from stairscale.data.prepare import build_task, dataset_dir, train_split
-from stairscale.data.shards import Dataset
+from stairscale.data.shards import DataError, Dataset
 from stairscale.data.tasks import IGNORE
 from stairscale.model.lm import StaircaseLM
 from stairscale.model.provider import Scores
@@ -117,6 +118,10 @@ class Trainer:
         self.quiet = quiet or not self.layout.reports
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
+        for split in [*(train_split(cfg.task, i) for i in range(cfg.task.stages)), "valid", "test"]:
+            if not self.dataset.shards(split):  # fail now, not after training
+                raise DataError(f"dataset {self.data_root}: split {split} has no documents; a run trains on its train "
+                                "split(s) and is scored on valid and test")
         self.labelled = self.dataset.labelled
         self.vocab = (len(self.dataset.vocab), self.dataset.vocab.pad_id)
         model = build_model(cfg, *self.vocab, self.layout).to(self.device)
@@ -248,8 +253,11 @@ class Trainer:
         return sum(shifted for shifted, _ in counts) / max(1, sum(supervised for _, supervised in counts))
 
     def _finish(self, train_seconds: float) -> dict:
-        """Final validation and test, checkpoint (single-device weights) and results.json."""
+        """Checkpoint (single-device weights), then final validation and test, and results.json."""
         steps = self.cfg.train.steps
+        weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)
+        if self.layout.reports:
+            save_checkpoint(self.run_dir, {"model": weights, "step": steps, "layout": dataclasses.asdict(self.layout)})
         results = {"train_seconds": train_seconds, "valid": self._evaluate("valid", steps)}
         test = self._tally("test")
         results["test"] = test.summary()
@@ -260,10 +268,7 @@ class Trainer:
         results["curve"] = self.curve
         results["steps"] = self.history
         self.log(f"test: {headline(results['test'])} (loss {results['test']['loss']:.4f})")
-        weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)
         if self.layout.reports:
-            checkpoint = {"model": weights, "step": steps, "layout": dataclasses.asdict(self.layout)}
-            save_checkpoint(self.run_dir, checkpoint)
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
             self.writer.close()
         return results
