@@ -7,9 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from stairscale.config import COMPILE_MODES, ConfigError, load_config
-from stairscale.data.shards import DataError
-from stairscale.train.checkpoint import CheckpointError
+from stairscale.config import COMPILE_MODES, load_config
+from stairscale.errors import CheckpointError, ConfigError, DataError, RunFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser("eval", help="score a finished run's checkpoint on a split")
     evaluate.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoint.pt)")
     evaluate.add_argument("--split", default="test", choices=["valid", "test"])
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a task or data key for scoring, e.g. task.eval_length=512")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a task, data or train key for scoring, e.g. task.eval_length=512")
 
     prepare = commands.add_parser("prepare-data", help="write the task's splits as webdataset shards with a manifest")
     prepare.add_argument("--config", help="YAML run config (its task section is used)")
@@ -75,20 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             print(json.dumps(evaluate_run(args.run, args.split, args.set), indent=2))
         else:
-            from stairscale.reproduce import FULL, QUICK, RunFailed, fit_steps_scale, reproduce_tracking
+            from stairscale.reproduce import FULL, QUICK, fit_steps_scale, reproduce_tracking
 
             scale = args.steps_scale
             if args.fit_minutes:
                 scale = fit_steps_scale(QUICK if args.quick else FULL, Path(args.out), args.fit_minutes, args.compile)
-            try:
-                reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale, compile=args.compile)
-            except RunFailed as err:
-                print(f"stairscale: error: {err}", file=sys.stderr)
-                return 1
+            reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale, compile=args.compile)
     except ConfigError as err:
         print(f"stairscale: config error: {err}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, RunFailed) as err:
         print(f"stairscale: error: {err}", file=sys.stderr)
         return 1
     return 0
@@ -103,8 +98,8 @@ def score_run(run_dir: str, split: str, overrides: list[str] = ()):
     from stairscale.train.trainer import evaluate, make_loader, resolve_device
 
     for assignment in overrides:
-        if not assignment.startswith(("task.", "data.")):
-            raise ConfigError(f"--set {assignment!r}: scoring may change task.* and data.* keys; the rest is the run's")
+        if assignment.startswith(("model.", "parallel.")):
+            raise ConfigError(f"--set {assignment!r}: the model and its layout are the run's; scoring may change task, data and train keys")
     cfg = load_config(Path(run_dir) / "config.yaml", overrides)
     root = dataset_dir(cfg)
     vocab = Dataset(root).vocab
@@ -113,7 +108,7 @@ def score_run(run_dir: str, split: str, overrides: list[str] = ()):
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:  # shapes or names that differ from the run's config.yaml
-        raise CheckpointError(f"checkpoint in {run_dir} does not fit the model of its config.yaml: {err}") from err
+        raise CheckpointError(f"checkpoint in {run_dir} does not fit the model its config.yaml and the --set keys build: {err}") from err
     device = resolve_device(cfg)
     return evaluate(model.to(device), cfg, make_loader(cfg, root, split, training=False), device)
 

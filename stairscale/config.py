@@ -13,11 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from stairscale.errors import ConfigError
+
 SCHEDULES = ("staircase", "cached", "global_cached", "ladder", "transformer", "transformer_xl")
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type, or impossible; the message names the key."""
 
 
 def _checker(section: str):
@@ -79,7 +77,7 @@ class ModelConfig:
             cached = self.schedule != "staircase"
             need(not cached or self.cache_len > 0, "cache_len", f"schedule {self.schedule} needs cache_len > 0")
             need(cached or self.cache_len == 0, "cache_len", "only the cached schedules use a cache")
-            # Keys at distance >= attn_lim are masked, so a longer cache would never be seen.
+            # (ours, for rope too) Keys at distance >= attn_lim are masked: every window row sees the whole cache.
             need(
                 not cached or self.attn_lim >= window_rows + self.cache_len,
                 "attn_lim",
@@ -124,7 +122,6 @@ class TaskConfig:
         need(self.positions >= 2, "positions", f"the ring needs at least 2 positions, got {self.positions}")
         need(2 <= self.variables <= 5, "variables", f"programs have 2 to 5 variables (the paper: 3 or 5), got {self.variables}")
         need(self.format in ("auto", "files", "bytes", "enwik8"), "format", f"{self.format!r} is not auto, files, bytes or enwik8")
-        need(self.name != "text" or not self.path or Path(self.path).expanduser().exists(), "path", f"{self.path!r} does not exist")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         steps = self.train_length_steps
         need(len(self.train_lengths) == len(steps) and self.train_lengths, "train_length_steps", "needs one start step per entry of task.train_lengths")
@@ -250,9 +247,11 @@ class RunConfig:
         self.train.validate()
         self.model.validate(self.train.segment_len)
         self.parallel.validate(self.model)
+        if self.task.name == "text" and self.task.path and not self.data.dir and not Path(self.task.path).expanduser().exists():
+            raise ConfigError(f"task.path: {self.task.path!r} does not exist")
         if self.task.stages > 1 and self.task.train_length_steps[-1] >= self.train.steps:
             raise ConfigError(f"task.train_length_steps: stage {self.task.stages - 1} starts at step "
-                              f"{self.task.train_length_steps[-1]}, after the run's train.steps={self.train.steps}")
+                              f"{self.task.train_length_steps[-1]}, not before the run's end at train.steps={self.train.steps}")
         if self.train.stage_lr and len(self.train.stage_lr) != self.task.stages:
             raise ConfigError(f"train.stage_lr: {len(self.train.stage_lr)} values for {self.task.stages} curriculum stages")
         for stage in self.train.carried_offset_stages:

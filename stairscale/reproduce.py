@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from stairscale.cli import score_run
+from stairscale.errors import RunFailed
 
 PAPER = {  # error %, from the paper's Table (random walk, algorithmic)
     "transformer_xl": (84.1, 48.7),
@@ -118,10 +119,6 @@ def launch(config: dict) -> subprocess.Popen:
     command = [sys.executable, "-m", "stairscale.cli", "train", "--config", str(run_dir / "requested.yaml")]
     with open(run_dir / "train.log", "w") as log:  # the child keeps its own handle
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-
-class RunFailed(RuntimeError):
-    """A training run of an experiment exited with an error."""
 
 
 def run_all(configs: list[dict], parallel: int) -> None:

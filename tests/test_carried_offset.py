@@ -4,9 +4,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stairscale.config import ConfigError, load_config
+from stairscale.config import load_config
 from stairscale.data.lanes import Batch
 from stairscale.data.tasks import IGNORE
+from stairscale.errors import ConfigError
 from stairscale.train.carried_offset import BELIEF_TOKENS, CarriedOffset
 from stairscale.train.trainer import Trainer
 

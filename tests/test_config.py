@@ -1,6 +1,7 @@
 import pytest
 
-from stairscale.config import ConfigError, load_config
+from stairscale.config import load_config
+from stairscale.errors import ConfigError
 
 
 def error_for(*overrides, path=None):

@@ -16,7 +16,8 @@ import webdataset as wds
 from stairscale.config import TaskConfig
 from stairscale.data.loader import LaneLoader, LoaderSpec
 from stairscale.data.prepare import content_hash, prepare_dataset
-from stairscale.data.shards import MANIFEST, DataError, Dataset, Shard
+from stairscale.data.shards import MANIFEST, Dataset, Shard
+from stairscale.errors import DataError
 
 LANES, SEGMENT, CHUNK = 4, 16, 4
 SCRIPT = Path(__file__).parent / "scripts" / "loader_ranks.py"

@@ -99,7 +99,7 @@ def reference_staircase(model, tokens):
 STAIRCASES = {
     **{f"staircase_n{n}": dict(schedule="staircase", chunk=4, window=n, attn_lim=12) for n in (1, 2, 3)},
     "cached": STATEFUL["cached"],
-    "global_cached": STATEFUL["global_cached"],
+    "global_cached": dict(schedule="global_cached", chunk=4, window=3, cache_len=16, attn_lim=28),  # the stream overflows the cache
 }
 
 

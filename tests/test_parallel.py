@@ -20,7 +20,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stairscale.cli import evaluate_run
-from stairscale.config import ConfigError, load_config
+from stairscale.config import load_config
+from stairscale.errors import ConfigError
 from stairscale.parallel.pipeline import stage_layers
 from stairscale.train.trainer import Trainer
 

@@ -9,8 +9,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stairscale.bench import bench_step
-from stairscale.config import ConfigError, load_config
-from stairscale.data.shards import DataError
+from stairscale.config import load_config
+from stairscale.errors import ConfigError, DataError
 from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_loader
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",

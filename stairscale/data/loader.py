@@ -21,7 +21,8 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stairscale.data.lanes import FIELDS, Batch, LaneStream, pack
-from stairscale.data.shards import DataError, Dataset, Shard
+from stairscale.data.shards import Dataset, Shard
+from stairscale.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,10 @@ import numpy as np
 import webdataset as wds
 
 from stairscale.data.tasks import Document, Vocab, label_dtype, token_dtype
+from stairscale.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "stairscale-shards/1"
-
-
-class DataError(RuntimeError):
-    """Bad or missing data; the message names the dataset, shard and sample at fault."""
 
 
 def write_dataset(

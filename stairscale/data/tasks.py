@@ -335,7 +335,7 @@ class TextTask:
         tokens = tuple(_byte_name(b) for b in range(256)) + ("<bos>", "<pad>")
         self.vocab = Vocab(tokens=tokens, pad_id=257, bos_id=256)
         self.stdlib = path is None
-        self.path = sysconfig.get_paths()["stdlib"] if path is None else os.fspath(path)
+        self.path = sysconfig.get_paths()["stdlib"] if path is None else os.path.expanduser(os.fspath(path))
         if not os.path.exists(self.path):
             raise ValueError(f"path does not exist: path={self.path!r}")
         if format == "auto":

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from stairscale.config import ConfigError, ParallelConfig, RunConfig
+from stairscale.config import ParallelConfig, RunConfig
+from stairscale.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import torch
 
+from stairscale.errors import CheckpointError
+
 CHECKPOINT = "checkpoint.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or does not fit the model; the message names the file."""
 
 
 def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:

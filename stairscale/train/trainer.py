@@ -20,8 +20,9 @@ from stairscale.config import RunConfig
 from stairscale.data.lanes import Batch
 from stairscale.data.loader import LaneLoader, LoaderSpec
 from stairscale.data.prepare import build_task, dataset_dir, train_split
-from stairscale.data.shards import DataError, Dataset
+from stairscale.data.shards import Dataset
 from stairscale.data.tasks import IGNORE
+from stairscale.errors import DataError
 from stairscale.model.lm import StaircaseLM
 from stairscale.model.provider import Scores
 from stairscale.parallel import collectives
