@@ -152,10 +152,11 @@ def test_every_token_gets_one_loss_term_from_its_final_pass():
     assert (logprobs - reference_staircase(model, tokens)).abs().max() < TOL
 
 
-def test_causality():
+@pytest.mark.parametrize("positions", ["relative", "rope"])
+def test_causality(positions):
     """No output depends on a later input: gradients to later embeddings are exactly zero."""
     for name, overrides in STATEFUL.items():
-        model = make_model(**overrides)
+        model = make_model(positions, **overrides)
         tokens, starts = stream(lanes=1, length=16)
         captured = []
 
@@ -173,10 +174,11 @@ def test_causality():
             assert grad[0, : t + 1].abs().max() > 0, (name, t)
 
 
+@pytest.mark.parametrize("positions", ["relative", "rope"])
 @pytest.mark.parametrize("name", sorted(STATEFUL))
-def test_document_equals_fresh_model(name):
+def test_document_equals_fresh_model(name, positions):
     """A chunk-aligned document gives the outputs a fresh model gives on it alone; lanes are independent."""
-    model = make_model(**STATEFUL[name])
+    model = make_model(positions, **STATEFUL[name])
     tokens, starts = stream(lanes=2, length=40, seed=3)
     tokens[0, 10:12] = PAD  # document 1 of lane 0 ends at 10, padded to the chunk boundary 12
     starts[0, 12] = True
