@@ -175,11 +175,11 @@ class Trainer:
             if stage + 1 < cfg.task.stages and step >= cfg.task.train_length_steps[stage + 1]:
                 stage += 1
                 loader = make_loader(cfg, self.data_root, train_split(cfg.task, stage), training=True, layout=self.layout)
-                batches = iter(loader)
+                stage_batches = iter(loader)
                 size = len(loader.local_lanes) // t.grad_accum
                 states = [self.model.initial_state(size, self.device) for _ in range(t.grad_accum)]
                 self.label_shifts = self._label_shifts(stage, size)
-            yield step, next(batches), states
+            yield step, next(stage_batches), states
 
     def _label_shifts(self, stage: int, lanes: int) -> list[CarriedOffset] | None:
         """One carried offset per micro-batch where this stage trains on shifted labels (on the
