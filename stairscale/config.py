@@ -16,6 +16,7 @@ import yaml
 from stairscale.errors import ConfigError
 
 SCHEDULES = ("staircase", "cached", "global_cached", "ladder", "transformer", "transformer_xl")
+TEXT_FORMATS = ("auto", "files", "bytes", "enwik8")  # data/tasks.py: TextTask
 
 
 def _checker(section: str):
@@ -121,7 +122,7 @@ class TaskConfig:
         need(self.name in ("random_walk", "algorithmic", "text"), "name", f"{self.name!r} is not random_walk, algorithmic or text")
         need(self.positions >= 2, "positions", f"the ring needs at least 2 positions, got {self.positions}")
         need(2 <= self.variables <= 5, "variables", f"programs have 2 to 5 variables (the paper: 3 or 5), got {self.variables}")
-        need(self.format in ("auto", "files", "bytes", "enwik8"), "format", f"{self.format!r} is not auto, files, bytes or enwik8")
+        need(self.format in TEXT_FORMATS, "format", f"{self.format!r} is not one of {', '.join(TEXT_FORMATS)}")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         steps = self.train_length_steps
         need(len(self.train_lengths) == len(steps) and self.train_lengths, "train_length_steps", "needs one start step per entry of task.train_lengths")

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stairscale.config import TEXT_FORMATS
+
 IGNORE = -100
 """Label value meaning "no loss here"."""
 
@@ -325,7 +327,7 @@ class TextTask:
     """
 
     name = "text"
-    FORMATS = ("auto", "files", "bytes", "enwik8")
+    FORMATS = TEXT_FORMATS
     ENWIK8_CUTS = (90_000_000, 95_000_000, 100_000_000)
 
     def __init__(self, path: str | None = None, format: str = "auto", seed: int = 0):
@@ -378,7 +380,7 @@ class TextTask:
         A dataset prepared from it is stale once this changes (an edited file, another
         interpreter's standard library)."""
         root = os.path.abspath(self.path)
-        names = self._list_files() if self.format == "files" else [os.path.basename(root)]
+        names = self._list_files()  # one file: its name
         stats = [os.stat(root if os.path.isfile(root) else os.path.join(root, name)) for name in names]
         return [root, self.format, [(name, st.st_size, st.st_mtime_ns) for name, st in zip(names, stats)]]
 
