@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stairscale.config import ModelConfig
 from stairscale.model.lm import StaircaseLM
@@ -231,6 +232,38 @@ def test_state_dict_round_trip():
     b, _ = model.logprobs(tokens, starts * False, restored)
     assert torch.equal(a, b)
     assert set(state.rows) == {"step0", "cache"}
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operations that make the host wait for the device: reading a value back, or an
+    output whose shape depends on values (boolean indexing, nonzero)."""
+
+    READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        boolean_index = name == "aten.index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if name in self.READS or boolean_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_a_train_step_never_waits_for_the_device(name):
+    """So that on a GPU the host can queue the next core calls while the device runs."""
+    model = make_model(**STATEFUL[name]).train()
+    tokens, starts = stream(length=24)
+    starts[1, 12] = True
+    state = model.initial_state(3)
+    with HostReads() as reads:
+        for segment in (slice(0, 8), slice(8, 16), slice(16, 24)):
+            scores, state = model(tokens[:, segment], starts[:, segment], tokens[:, segment], state)
+            scores.nll.sum().backward()
+    assert reads.seen == []
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -79,8 +79,9 @@ class StaircaseSchedule:
             from_before = carried.get(f"step{s}")
             visible_cache = None
             if cache is not None:
-                window_start = int(pos[0]) + (s - n + 1) * F
-                visible_cache = cache.between(window_start - self.cache_len, window_start)
+                # The cache ends where this step's window starts, except in the first n-1 steps,
+                # whose windows start before the segment and overlap the cache's last rows.
+                visible_cache = cache.last(self.cache_len, skip=max(0, n - 1 - s) * F)
             top, layer_inputs = yield CoreCall(torch.cat(queries, dim=1), pos[rows], doc[:, rows], Rows.cat([visible_cache, from_before]))
             if s >= K:
                 drain_context = Rows.cat([from_before, Rows(layer_inputs, pos[rows], doc[:, rows])])

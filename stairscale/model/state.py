@@ -45,14 +45,11 @@ class Rows:
             doc=torch.cat([p.doc for p in parts], dim=1),
         )
 
-    def between(self, start: int, stop: int) -> Rows:
-        """The rows whose position is in [start, stop)."""
-        keep = (self.pos >= start) & (self.pos < stop)
-        return Rows(self.h[:, :, keep], self.pos[keep], self.doc[:, keep])
-
-    def last(self, count: int) -> Rows:
-        start = max(0, len(self) - count)
-        return Rows(self.h[:, :, start:], self.pos[start:], self.doc[:, start:])
+    def last(self, count: int, skip: int = 0) -> Rows:
+        """The last `count` rows before the last `skip` ones."""
+        stop = max(0, len(self) - skip)
+        start = max(0, stop - count)
+        return Rows(self.h[:, :, start:stop], self.pos[start:stop], self.doc[:, start:stop])
 
     def detach(self) -> Rows:
         return Rows(self.h.detach(), self.pos, self.doc)
