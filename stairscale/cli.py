@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             from stairscale.data.prepare import prepare_dataset
 
             cfg = load_config(args.config, args.set)
-            manifest = prepare_dataset(cfg.task, args.out, cfg.data.shard_docs)
+            manifest = prepare_dataset(cfg, args.out)
             for split, info in manifest["splits"].items():
                 print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")
         elif args.command == "bench":

@@ -107,7 +107,7 @@ class TaskConfig:
     eval_docs: int = 64  # random walk / algorithmic: documents per validation or test evaluation (0: 1,000 walks, or all programs)
     train_docs: int = 50000  # random walk: training documents per curriculum length
     train_length_spread: float = 0.5  # random walk: training lengths uniform in [L*(1-spread), L]
-    piece_len: int = 1 << 20  # text: longer documents are cut into pieces of this many bytes
+    piece_len: int = 1 << 20  # text: longer documents are cut into pieces of at most this many tokens
     tokenizer: str = "bytes"  # text: bytes | bpe (trained on the train split with `tokenizers`)
     bpe_vocab: int = 4096  # text with tokenizer bpe: vocabulary size, special tokens included
     seed: int = 0
@@ -140,7 +140,7 @@ class TaskConfig:
 class DataConfig:
     dir: str = ""  # a prepared dataset (stairscale prepare-data); "" = prepare one for the task in `cache`
     cache: str = "~/.cache/stairscale/datasets"  # where automatically prepared datasets live
-    shard_docs: int = 0  # documents per shard when preparing; 0 = about 64 shards per split
+    shard_docs: int = 0  # documents per shard when preparing; 0 = max(64, train.lanes) shards per split
     workers: int = 0  # loader worker processes per rank (0 = read in the training process)
     prefetch: int = 4  # batches each worker prepares ahead
     on_bad_sample: str = "error"  # error | skip (skipped samples are counted and logged)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from stairscale.config import TaskConfig
+from stairscale.config import DataConfig, RunConfig, TaskConfig, TrainConfig
 from stairscale.data.loader import LaneLoader, LoaderSpec
 from stairscale.data.prepare import content_hash, prepare_dataset
 from stairscale.data.shards import MANIFEST, Dataset, Shard
@@ -31,7 +31,7 @@ def dataset(tmp_path_factory):
     for i in range(90):
         (corpus / f"file{i:02d}.txt").write_bytes(bytes(rng.integers(32, 127, rng.integers(5, 120)).tolist()))
     root = tmp_path_factory.mktemp("data") / "text"
-    prepare_dataset(TaskConfig(name="text", path=str(corpus)), root, shard_docs=3)
+    prepare_dataset(RunConfig(task=TaskConfig(name="text", path=str(corpus)), data=DataConfig(shard_docs=3)), root)
     return root
 
 
@@ -160,6 +160,12 @@ def test_resume_refuses_a_different_global_batch(dataset):
     state = LaneLoader(spec(dataset)).state_dict()
     with pytest.raises(DataError, match="lanes was 4, now 8"):
         LaneLoader(spec(dataset, lanes=8)).load_state_dict(state)
+    with pytest.raises(DataError, match="shuffle was True, now False"):  # a training position in an evaluation loader
+        LaneLoader(spec(dataset, shuffle=False)).load_state_dict(state)
+    state["step"] = 3
+    state["lane_positions"][0]["offset"] += 1
+    with pytest.raises(DataError, match="saved positions differ"):
+        LaneLoader(spec(dataset)).load_state_dict(state)
 
 
 def test_evaluation_reads_the_split_once_in_order(dataset):
@@ -221,14 +227,21 @@ def test_truncated_tar(copy):
         read_all(copy)
 
 
-def test_corrupt_tar(copy):
+@pytest.mark.parametrize("field, garbage, message", [
+    (slice(124, 136), b"\xff" * 12, "corrupt tar header after 1 members"),  # the size of the second member
+    (slice(0, 4), b"\xff" * 4, "corrupt member name after 1 members"),
+])
+def test_corrupt_tar(copy, field, garbage, message):
     manifest, shard = first_shard(copy)
     path = copy / shard["file"]
     data = bytearray(path.read_bytes())
-    data[1536 + 100 : 1536 + 200] = b"\xff" * 100  # garbage in the second member's header
+    second = 512 + -(-int(data[124:135], 8) // 512) * 512  # the second member's header
+    data[second + field.start : second + field.stop] = garbage
     path.write_bytes(bytes(data))
     rewrite_manifest_checksum(copy, manifest, shard)
-    with pytest.raises(DataError, match=f"{shard['file']}"):
+    del manifest["splits"]["train"]["shards"][0]["tokens_at"]  # the sample-by-sample reader, which parses every header
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"{shard['file']}: {message}"):
         read_all(copy)
 
 
@@ -257,12 +270,23 @@ def test_empty_document(copy):
         read_all(copy)
 
 
-def test_skip_option_counts_bad_samples(copy, capsys):
+def test_skip_option_counts_bad_samples_and_keeps_exact_resume(copy, capsys):
     replace_first_sample(copy, np.array([256, 300], dtype=np.uint16).tobytes())
     docs, data = read_all(copy, on_bad_sample="skip")
     assert data.skipped == 1
     assert len(docs) == json.loads((copy / MANIFEST).read_text())["splits"]["train"]["documents"] - 1
     assert "skipping bad sample (1 so far)" in capsys.readouterr().out
+    skipping = spec(copy, on_bad_sample="skip")
+    steps = LaneLoader(skipping).steps_per_epoch()
+    reference = global_batches(LaneLoader(skipping), steps)
+    tokens, starts, ids, targets = reference.transpose(1, 0, 2, 3)
+    assert 0 not in ids and not starts[ids < 0].any() and (targets[ids < 0] == -100).all()  # in its place, padding
+    for stop in range(1, steps):
+        first = LaneLoader(skipping)
+        head = global_batches(first, stop)
+        second = LaneLoader(skipping)
+        second.load_state_dict(first.state_dict())
+        assert np.array_equal(np.concatenate([head, global_batches(second, steps - stop)]), reference), stop
 
 
 def test_writer_refuses_bad_documents(tmp_path):
@@ -270,16 +294,38 @@ def test_writer_refuses_bad_documents(tmp_path):
     from stairscale.data.tasks import Document, Vocab
 
     vocab = Vocab(("<pad>", "<bos>", "a"), 0, 1)
-    with pytest.raises(DataError, match="split train, document 1: token id 7 outside"):
-        write_dataset(tmp_path / "d", vocab, False, {"train": [Document(np.array([1, 2])), Document(np.array([1, 7]))]}, 0, {})
-    assert not (tmp_path / "d").exists()
+    good = Document(np.array([1, 2]), np.array([2, -100]))
+    for bad, message in [
+        (Document(np.array([1, 7]), np.array([2, 2])), "token id 7 outside the vocabulary of 3"),
+        (Document(np.array([1, -2]), np.array([2, 2])), "token id -2 outside"),
+        (Document(np.array([1, 2]), np.array([2, 9])), "label id 9 outside"),
+        (Document(np.array([1, 2]), np.array([2])), "1 labels for 2 tokens"),
+        (Document(np.array([1, 2])), "missing labels"),
+    ]:
+        with pytest.raises(DataError, match=f"split train, document 1: {message}"):
+            write_dataset(tmp_path / "d", vocab, True, {"train": [good, bad]}, 0, 64, {})
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary directory
+
+
+def test_prepare_data_never_replaces_a_directory_that_is_not_a_dataset(tmp_path):
+    cfg = RunConfig(task=TaskConfig(name="random_walk", train_docs=100, eval_docs=10))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="mine exists and is not a stairscale dataset"):
+        prepare_dataset(cfg, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    first = prepare_dataset(cfg, tmp_path / "walks")
+    cfg.task.seed = 1
+    second = prepare_dataset(cfg, tmp_path / "walks")  # an earlier dataset is replaced
+    assert json.loads((tmp_path / "walks" / MANIFEST).read_text()) == second != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "walks"]
 
 
 def test_a_changed_text_corpus_is_another_dataset(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("first version")
-    cfg = TaskConfig(name="text", path=str(corpus))
+    cfg = RunConfig(task=TaskConfig(name="text", path=str(corpus)))
     before = content_hash(cfg)
     assert content_hash(cfg) == before
     (corpus / "a.txt").write_text("second version, longer")
@@ -287,3 +333,31 @@ def test_a_changed_text_corpus_is_another_dataset(tmp_path):
     assert edited != before
     (corpus / "b.txt").write_text("a new file")
     assert content_hash(cfg) != edited
+
+
+def test_every_lane_gets_a_shard_by_default(tmp_path):
+    """A lane reads whole shards: with the default sharding no training lane is left without data,
+    and a dataset with fewer shards than lanes is refused for training."""
+    cfg = RunConfig(task=TaskConfig(name="random_walk", train_docs=300, eval_docs=20), train=TrainConfig(lanes=96))
+    prepare_dataset(cfg, tmp_path / "walks")
+    for split, shards in (("train-64", 96), ("valid", 20)):
+        counts = [s.documents for s in Dataset(tmp_path / "walks").shards(split)]
+        assert len(counts) == shards and max(counts) - min(counts) <= 1
+    loader = LaneLoader(LoaderSpec(str(tmp_path / "walks"), "train-64", 96, 64, 8, seed=0, shuffle=True))
+    assert all(loader.plan(0).lanes)
+    assert content_hash(cfg) != content_hash(RunConfig(task=cfg.task, train=TrainConfig(lanes=128)))
+    with pytest.raises(DataError, match="split train-64 has 96 shards for 128 lanes"):
+        LaneLoader(LoaderSpec(str(tmp_path / "walks"), "train-64", 128, 64, 8, seed=0, shuffle=True))
+
+
+def test_bpe_reads_utf8_and_names_a_document_that_is_not(tmp_path):
+    corpus = tmp_path / "book.txt"
+    text = " ".join(f"café {i} naïve" for i in range(900)).encode()
+    text = b"a" * next(n for n in range(200) if text[(n + len(text)) * 9 // 10 - n] & 0xC0 == 0x80) + text
+    corpus.write_bytes(text)  # cut by bytes at 90/5/5%: the train split ends inside a character
+    task = TaskConfig(name="text", path=str(corpus), tokenizer="bpe", bpe_vocab=300)
+    manifest = prepare_dataset(RunConfig(task=task, train=TrainConfig(lanes=8)), tmp_path / "ok")
+    assert min(manifest["splits"][split]["documents"] for split in ("train", "valid", "test")) >= 8  # a piece per lane
+    corpus.write_bytes(b"text, then a byte that is not UTF-8: \xff, then more text" * 20)
+    with pytest.raises(DataError, match="split train, document 0: not UTF-8 text at byte 37"):
+        prepare_dataset(RunConfig(task=task), tmp_path / "bad")

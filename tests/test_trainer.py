@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -172,11 +173,13 @@ def test_learning_rate_warms_up_decays_and_restarts_per_stage():
 def test_text_with_a_trained_bpe_tokenizer(tmp_path, tiny):
     from tokenizers import Tokenizer
 
+    from stairscale.data.prepare import build_task
     from stairscale.data.shards import Dataset
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     texts = {f"f{i}.txt": f"def function_{i}(x):\n    return x * {i} + len('the quick brown fox')\n" * (i % 4 + 2) for i in range(60)}
+    texts["f0.txt"] += "<pad> and <bos> here are text, not special tokens\n"
     for name, text in texts.items():
         (corpus / name).write_text(text)
     cfg = tiny(tmp_path, "train.steps=4", "task.name=text", f"task.path={corpus}", "task.tokenizer=bpe", "task.bpe_vocab=400")
@@ -186,8 +189,14 @@ def test_text_with_a_trained_bpe_tokenizer(tmp_path, tiny):
     dataset = Dataset(trainer.data_root)
     assert 258 < len(dataset.vocab) <= 400 and dataset.vocab.tokens[:2] == ("<pad>", "<bos>")  # merges may run out
     tokenizer = Tokenizer.from_file(str(trainer.data_root / "tokenizer.json"))
-    decoded = sorted(tokenizer.decode(doc.tokens[1:].tolist()) for split in ("train", "valid", "test") for doc in dataset.documents(split))
-    assert decoded == sorted(texts.values())  # lossless: every file comes back exactly
+    task = build_task(cfg.task)
+    for split in ("train", "valid", "test"):  # lossless: each split's text comes back exactly (a split of
+        pieces = [doc.tokens[1:] for doc in dataset.documents(split)]  # fewer files than lanes is cut into pieces)
+        assert all((piece != dataset.vocab.pad_id).all() and (piece != dataset.vocab.bos_id).all() for piece in pieces)
+        files = [doc.tokens[1:].astype(np.uint8).tobytes().decode() for doc in task.documents(split)]
+        assert tokenizer.decode(np.concatenate(pieces).tolist()) == "".join(files)
+    assert sorted(doc.tokens[1:].astype(np.uint8).tobytes().decode() for split in ("train", "valid", "test")
+                  for doc in task.documents(split)) == sorted(texts.values())
 
 
 def test_tally_counts_errors_by_position_across_batches_of_growing_positions():

@@ -77,6 +77,10 @@ def pack(tokens: np.ndarray, labels: np.ndarray | None, lengths: np.ndarray, ids
     out[2, packed_start] = 1
     out[3, dest] = within
     out[4, dest] = np.asarray(ids, dtype=np.int64)[doc_of_token]
+    skipped = np.asarray(ids) < 0  # bad samples skipped under on_bad_sample="skip": padding in their place
+    if skipped.any():
+        out[:, dest[skipped[doc_of_token]]] = padding(1, pad_id)
+        out[2, packed_start[skipped]] = 0
     return out
 
 

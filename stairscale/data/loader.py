@@ -132,6 +132,12 @@ class LaneLoader:
         self.shards = self.dataset.shards(spec.split)
         if not self.shards:
             raise DataError(f"dataset {spec.root}: split {spec.split} has no documents")
+        if spec.shuffle and len(self.shards) < spec.lanes:
+            raise DataError(
+                f"dataset {spec.root}: split {spec.split} has {len(self.shards)} shards for {spec.lanes} lanes; a lane reads "
+                "whole shards, so some lanes would train on padding only. Prepare it with at least one shard per lane "
+                "(data.shard_docs 0 does that), or use fewer lanes"
+            )
         self.epoch, self.step = 0, 0
         self._plans: dict[int, EpochPlan] = {}
 
@@ -177,19 +183,24 @@ class LaneLoader:
             "segment_len": self.spec.segment_len,
             "chunk": self.spec.chunk,
             "seed": self.spec.seed,
+            "shuffle": self.spec.shuffle,
             "data": self.dataset.fingerprint,
             "lane_positions": positions,
         }
 
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("split", self.spec.split), ("lanes", self.spec.lanes), ("segment_len", self.spec.segment_len),
-                          ("chunk", self.spec.chunk), ("seed", self.spec.seed), ("data", self.dataset.fingerprint)):
+                          ("chunk", self.spec.chunk), ("seed", self.spec.seed), ("shuffle", self.spec.shuffle),
+                          ("data", self.dataset.fingerprint)):
             if state[key] != mine:
                 raise DataError(
                     f"loader state: {key} was {state[key]!r}, now {mine!r}; the lane plan would differ, "
                     "so the run cannot resume at the exact token (keep the global batch, segment, chunk, seed and data)"
                 )
         self.epoch, self.step = state["epoch"], state["step"]
+        if self.state_dict()["lane_positions"] != state["lane_positions"]:
+            raise DataError("loader state: the lanes' saved positions differ from this plan's at the same step; "
+                            "the lane plan changed, so the run cannot resume at the exact token")
 
 
 def _identity(item):

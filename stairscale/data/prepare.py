@@ -7,6 +7,7 @@ for text, by the corpus as it is now).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import fcntl
 import hashlib
@@ -18,8 +19,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from stairscale.config import RunConfig, TaskConfig
-from stairscale.data.shards import MANIFEST, write_dataset
+from stairscale.data.shards import MANIFEST, check_replaceable, write_dataset
 from stairscale.data.tasks import AlgorithmicTask, Document, RandomWalkTask, TextTask, Vocab
+from stairscale.errors import DataError
 
 # Task config keys that do not change the documents.
 _NOT_CONTENT = ("train_length_steps",)
@@ -47,7 +49,7 @@ def task_splits(cfg: TaskConfig) -> dict[str, Iterable[Document]]:
         return splits
     if isinstance(task, AlgorithmicTask):
         return {split: task.documents(split, None if split == "train" else (cfg.eval_docs or None)) for split in ("train", "valid", "test")}
-    return {split: _pieces(task.documents(split), cfg.piece_len, task.vocab.bos_id) for split in ("train", "valid", "test")}
+    return {split: task.documents(split) for split in ("train", "valid", "test")}
 
 
 def _walks(task: RandomWalkTask, cfg: TaskConfig, length: int) -> Iterator[Document]:
@@ -57,6 +59,16 @@ def _walks(task: RandomWalkTask, cfg: TaskConfig, length: int) -> Iterator[Docum
     shortest = max(2, round(length * (1 - cfg.train_length_spread)))
     for _ in range(cfg.train_docs):
         yield task.document(int(rng.integers(shortest, length + 1)), rng)
+
+
+def text_pieces(documents: list[Document], piece_len: int, lanes: int, bos_id: int) -> list[Document]:
+    """Texts cut into pieces of at most `piece_len` tokens; where that leaves fewer pieces than
+    lanes, into shorter ones, so that every lane has text to read (one text file fills every lane)."""
+    pieces = list(_pieces(documents, piece_len, bos_id))
+    if len(pieces) < lanes:
+        tokens = sum(len(doc.tokens) - 1 for doc in documents)
+        pieces = list(_pieces(documents, max(1, tokens // lanes), bos_id))
+    return pieces
 
 
 def _pieces(documents: list[Document], piece_len: int, bos_id: int) -> Iterator[Document]:
@@ -70,18 +82,38 @@ def _pieces(documents: list[Document], piece_len: int, bos_id: int) -> Iterator[
             yield Document(np.concatenate([np.array([bos_id], dtype=body.dtype), body[start : start + piece_len]]))
 
 
-def prepare_dataset(cfg: TaskConfig, out_dir: str | Path, shard_docs: int = 0) -> dict:
-    """Write the task's splits as shards under out_dir (about 64 shards per split by default)."""
-    task = build_task(cfg)
-    splits = {name: list(docs) for name, docs in task_splits(cfg).items()}
+def shards_per_split(cfg: RunConfig) -> int:
+    """How many shards a split gets when data.shard_docs is 0. A lane reads whole shards, so
+    every lane needs one: at least train.lanes, and at least 64."""
+    return max(64, cfg.train.lanes)
+
+
+def prepare_dataset(cfg: RunConfig, out_dir: str | Path) -> dict:
+    """Write the task's splits as shards under out_dir."""
+    check_replaceable(out_dir)  # before the work, not after
+    task = build_task(cfg.task)
+    splits = {name: list(docs) for name, docs in task_splits(cfg.task).items()}
     vocab, files = task.vocab, {}
-    if cfg.tokenizer == "bpe":
-        vocab, splits, files["tokenizer.json"] = bpe_encode(splits, cfg.bpe_vocab)
-    return write_dataset(out_dir, vocab, not isinstance(task, TextTask), splits, shard_docs, dataclasses.asdict(cfg), files)
+    if cfg.task.tokenizer == "bpe":
+        vocab, splits, files["tokenizer.json"] = bpe_encode(splits, cfg.task.bpe_vocab)
+    if isinstance(task, TextTask):  # cut after tokenizing, so that no piece starts inside a character
+        splits = {name: text_pieces(docs, cfg.task.piece_len, cfg.train.lanes, vocab.bos_id) for name, docs in splits.items()}
+    return write_dataset(out_dir, vocab, not isinstance(task, TextTask), splits, cfg.data.shard_docs,
+                         shards_per_split(cfg), dataclasses.asdict(cfg.task), files)
 
 
-def _text(doc: Document) -> str:
-    return doc.tokens[1:].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+def _text(doc: Document, where: str) -> str:
+    """The document as UTF-8 text. A split cut by bytes (one file, enwik8) may cut a character at
+    its two ends; those at most 3 bytes at each end are dropped. Invalid bytes elsewhere are an error."""
+    data = doc.tokens[1:].astype(np.uint8).tobytes()
+    start = 0
+    while start < min(3, len(data)) and data[start] & 0xC0 == 0x80:  # the tail of a cut character
+        start += 1
+    try:
+        return codecs.getincrementaldecoder("utf-8")().decode(data[start:], final=False)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: not UTF-8 text at byte {err.start}; the BPE tokenizer needs UTF-8 "
+                        "(task.tokenizer=bytes reads any bytes)") from err
 
 
 def bpe_encode(splits: dict[str, list[Document]], vocab_size: int) -> tuple[Vocab, dict[str, list[Document]], bytes]:
@@ -93,19 +125,34 @@ def bpe_encode(splits: dict[str, list[Document]], vocab_size: int) -> tuple[Voca
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator((_text(doc) for doc in splits["train"]), trainer=trainer)
+    texts = {name: [_text(doc, f"split {name}, document {i}") for i, doc in enumerate(docs)] for name, docs in splits.items()}
+    tokenizer.train_from_iterator(texts["train"], trainer=trainer)
+    tokenizer.encode_special_tokens = True  # "<pad>" in the text is text, not the pad token
     vocab = Vocab(tuple(sorted(tokenizer.get_vocab(), key=tokenizer.token_to_id)), tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("<bos>"))
     encoded = {
-        name: [Document(np.array([vocab.bos_id] + tokenizer.encode(_text(doc)).ids, dtype=np.int64)) for doc in docs]
-        for name, docs in splits.items()
+        name: [Document(np.array([vocab.bos_id] + _encode(tokenizer, text), dtype=np.int64)) for text in split_texts]
+        for name, split_texts in texts.items()
     }
     return vocab, encoded, tokenizer.to_str().encode()
 
 
-def content_hash(cfg: TaskConfig) -> str:
-    content = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_CONTENT}
-    if cfg.name == "text":  # the same config over a changed corpus makes another dataset
-        content["source"] = build_task(cfg).fingerprint()
+def _encode(tokenizer, text: str, part: int = 1 << 20) -> list[int]:
+    """Token ids of a text, encoded in parts of about `part` characters cut after a newline
+    (all of enwik8 in one call would take gigabytes)."""
+    ids, start = [], 0
+    while start < len(text):
+        stop = text.find("\n", start + part) + 1 or len(text)
+        ids += tokenizer.encode(text[start:stop]).ids
+        start = stop
+    return ids
+
+
+def content_hash(cfg: RunConfig) -> str:
+    """Names a cached dataset by what decides its shards: the task and the sharding."""
+    content = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k not in _NOT_CONTENT}
+    if cfg.task.name == "text":  # the same config over a changed corpus makes another dataset
+        content["source"] = build_task(cfg.task).fingerprint()
+    content["sharding"] = cfg.data.shard_docs or f"{shards_per_split(cfg)} shards"
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -117,11 +164,11 @@ def dataset_dir(cfg: RunConfig, log=_to_stderr) -> Path:
     """The run's dataset: `data.dir`, or the task's cached dataset, prepared on first use."""
     if cfg.data.dir:
         return Path(cfg.data.dir)
-    path = Path(cfg.data.cache).expanduser() / f"{cfg.task.name}-{content_hash(cfg.task)}"
+    path = Path(cfg.data.cache).expanduser() / f"{cfg.task.name}-{content_hash(cfg)}"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs of one task prepare it once
         if not (path / MANIFEST).is_file():
             log(f"preparing the {cfg.task.name} dataset in {path}")
-            prepare_dataset(cfg.task, path, cfg.data.shard_docs)
+            prepare_dataset(cfg, path)
     return path

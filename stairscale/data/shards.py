@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,23 +24,55 @@ from typing import Iterator
 import numpy as np
 import webdataset as wds
 
-from stairscale.data.tasks import Document, Vocab, label_dtype, token_dtype
+from stairscale.data.tasks import IGNORE, Document, Vocab, label_dtype, token_dtype
 from stairscale.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "stairscale-shards/1"
+SKIPPED = -1  # the document id of a bad sample skipped under on_bad_sample="skip"
 
 
 def write_dataset(
-    out_dir: str | Path, vocab: Vocab, labelled: bool, splits: dict[str, list[Document]], shard_docs: int, source: dict,
-    files: dict[str, bytes] | None = None,
+    out_dir: str | Path, vocab: Vocab, labelled: bool, splits: dict[str, list[Document]], shard_docs: int, shards: int,
+    source: dict, files: dict[str, bytes] | None = None,
 ) -> dict:
-    """Write every split as shards of at most `shard_docs` documents (0: about 64 shards per
-    split), any extra `files` (such as tokenizer.json), then the manifest."""
+    """Write every split as shards of `shard_docs` documents (0: as `shards` shards of nearly
+    equal document counts), any extra `files` (such as tokenizer.json), then the manifest."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.writing-"))
+    try:
+        manifest = _write_splits(tmp, vocab, labelled, splits, shard_docs, shards, source, files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():  # an earlier dataset: swap the new one in, then delete the old one
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        os.replace(out_dir, old / "dataset")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+    return manifest
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Only an empty directory or an earlier dataset may be replaced: never the user's files."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    try:
+        format = json.loads((out_dir / MANIFEST).read_text()).get("format")
+    except (OSError, ValueError):
+        format = None
+    if format != FORMAT:
+        raise DataError(f"{out_dir} exists and is not a stairscale dataset (no {MANIFEST} of format {FORMAT}); "
+                        "nothing was written: choose an empty or new directory")
+
+
+def _write_splits(tmp: Path, vocab: Vocab, labelled: bool, splits: dict[str, list[Document]], shard_docs: int, shards: int,
+                  source: dict, files: dict[str, bytes] | None) -> dict:
     tokens_dtype, labels_dtype = token_dtype(len(vocab)), label_dtype(len(vocab))
     manifest = {
         "format": FORMAT,
@@ -52,37 +85,47 @@ def write_dataset(
     }
     for split, documents in splits.items():
         (tmp / split).mkdir()
-        per_shard = shard_docs or max(1, -(-len(documents) // 64))
-        shards, batch, index = [], [], 0
-        for doc in documents:
+        for index, doc in enumerate(documents):
             _check_document(doc, len(vocab), labelled, f"split {split}, document {index}")
-            batch.append((index, doc))
-            index += 1
-            if len(batch) == per_shard:
-                shards.append(_write_shard(tmp, split, len(shards), batch, tokens_dtype, labels_dtype))
-                batch = []
-        if batch:
-            shards.append(_write_shard(tmp, split, len(shards), batch, tokens_dtype, labels_dtype))
+        written = []
+        for first, stop in shard_bounds(len(documents), shard_docs, shards):
+            batch = [(index, documents[index]) for index in range(first, stop)]
+            written.append(_write_shard(tmp, split, len(written), batch, tokens_dtype, labels_dtype))
         manifest["splits"][split] = {
-            "documents": index,
-            "tokens": sum(s["tokens"] for s in shards),
-            "shards": shards,
+            "documents": len(documents),
+            "tokens": sum(s["tokens"] for s in written),
+            "shards": written,
         }
     for name, content in (files or {}).items():
         (tmp / name).write_bytes(content)
     (tmp / MANIFEST).write_text(json.dumps(manifest))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
     return manifest
+
+
+def shard_bounds(documents: int, shard_docs: int, shards: int) -> list[tuple[int, int]]:
+    """[first, stop) document ranges: `shard_docs` each, or (0) `shards` nearly equal ones."""
+    if shard_docs:
+        cuts = list(range(0, documents, shard_docs)) + [documents]
+    else:
+        cuts = np.linspace(0, documents, min(shards, documents) + 1).round().astype(int).tolist()
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def _check_document(doc: Document, vocab_size: int, labelled: bool, where: str) -> None:
     if len(doc.tokens) == 0:
         raise DataError(f"{where}: empty document")
-    if int(doc.tokens.max()) >= vocab_size:
-        raise DataError(f"{where}: token id {int(doc.tokens.max())} outside the vocabulary of {vocab_size}")
+    for name, ids, allowed in (("token", doc.tokens, ()), ("label", doc.labels, (IGNORE,))):
+        if ids is None:
+            continue
+        bad = (ids < 0) | (ids >= vocab_size)
+        for value in allowed:
+            bad &= ids != value
+        if bad.any():
+            raise DataError(f"{where}: {name} id {int(ids[bad][0])} outside the vocabulary of {vocab_size}")
     if labelled != (doc.labels is not None):
         raise DataError(f"{where}: {'missing' if labelled else 'unexpected'} labels")
+    if labelled and len(doc.labels) != len(doc.tokens):
+        raise DataError(f"{where}: {len(doc.labels)} labels for {len(doc.tokens)} tokens")
 
 
 def _write_shard(root: Path, split: str, number: int, docs: list, tokens_dtype, labels_dtype) -> dict:
@@ -201,21 +244,25 @@ class Dataset:
         if len(keys) != shard.documents:
             raise DataError(f"shard {shard.path}: {len(keys)} samples, but the manifest lists {shard.documents}")
         good = [self._good(shard, key, t, l) for key, t, l in zip(keys, tokens, labels)]
-        if not all(good):  # only under on_bad_sample="skip": the others raised
-            keys, tokens, labels = ([x for x, ok in zip(column, good) if ok] for column in (keys, tokens, labels))
-        flat = np.concatenate(tokens).astype(np.int64) if tokens else np.zeros(0, dtype=np.int64)
+        # Under on_bad_sample="skip" a bad sample keeps its place, as padding of the manifest's length
+        # (id SKIPPED), so that the lane plan, made from those lengths, still holds.
+        ids = np.where(good, shard.first_document + np.arange(len(keys)), SKIPPED)
+        tokens = [t if ok else np.full(n, self.vocab.pad_id) for t, ok, n in zip(tokens, good, shard.lengths)]
+        labels = [x if ok else np.full(n, IGNORE) for x, ok, n in zip(labels, good, shard.lengths)] if self.labelled else []
         return ShardDocuments(
-            tokens=flat,
-            labels=np.concatenate(labels).astype(np.int64) if self.labelled and labels else None,
+            tokens=np.concatenate(tokens).astype(np.int64) if tokens else np.zeros(0, dtype=np.int64),
+            labels=np.concatenate(labels).astype(np.int64) if labels else None,
             lengths=np.array([len(t) for t in tokens], dtype=np.int64),
-            ids=shard.first_document + np.flatnonzero(good),
+            ids=ids,
         )
 
     def documents(self, split: str) -> Iterator[Document]:
         """Every document of a split, in order (for tools and tests; training reads read_shard)."""
         for shard in self.shards(split):
             docs = self.read_shard(shard)
-            for start, length in zip(np.cumsum(docs.lengths) - docs.lengths, docs.lengths):
+            for start, length, id in zip(np.cumsum(docs.lengths) - docs.lengths, docs.lengths, docs.ids):
+                if id == SKIPPED:
+                    continue
                 labels = None if docs.labels is None else docs.labels[start : start + length]
                 yield Document(docs.tokens[start : start + length], labels)
 
@@ -305,8 +352,11 @@ def _tar_members(data: bytes, path: Path) -> Iterator[tuple[str, int, int]]:
         if start + size > len(data):
             raise DataError(f"shard {path}: truncated tar inside member {count + 1}")
         if header[156:157] in (b"0", b"\0"):
-            name = header[:100].split(b"\0", 1)[0].decode()
-            prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+            try:
+                name = header[:100].split(b"\0", 1)[0].decode()
+                prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+            except UnicodeDecodeError:
+                raise DataError(f"shard {path}: corrupt member name after {count} members") from None
             yield (f"{prefix}/{name}" if prefix else name), start, size
         count += 1
         pos = start + -(-size // _BLOCK) * _BLOCK
