@@ -266,17 +266,23 @@ def test_a_train_step_never_waits_for_the_device(name):
     assert reads.seen == []
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    grads = []
+def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
+    grads, recomputed = [], []
     for checkpointing in (False, True):
         model = make_model(**STATEFUL["cached"], activation_checkpointing=checkpointing).train()
+        layer_calls = []
+        model.core.layers["0"].register_forward_hook(lambda *_: layer_calls.append(torch.is_grad_enabled()))
         tokens, starts = stream(length=16)
         state = model.initial_state(3)
         for segment in (slice(0, 8), slice(8, 16)):
             logprobs, state = model.logprobs(tokens[:, segment], starts[:, segment], state)
+            forward_calls = len(layer_calls)
             logprobs.sum().backward()
+            recomputed.append(len(layer_calls) - forward_calls)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert (grads[0] - grads[1]).abs().max() < 1e-10
+    calls_per_segment = 8 // 4 + 2 - 1
+    assert recomputed == [0, 0, calls_per_segment, calls_per_segment]  # backward reruns every core call
 
 
 def train_segments(model, lengths=(8, 8, 8)):

@@ -61,8 +61,8 @@ class DeepSpeedOptimizer:
     """The trainer's optimizer interface (backward, step) on a DeepSpeed engine."""
 
     def __init__(self, model: nn.Module, cfg: RunConfig, layout: Layout, optimizer: torch.optim.Optimizer):
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if next(model.parameters()).device.type == "cpu":  # also train.device=cpu on a machine with a GPU
+            os.environ["DS_ACCELERATOR"] = "cpu"
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines come from every rank

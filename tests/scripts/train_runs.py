@@ -1,17 +1,45 @@
 """Train several tiny runs one after the other in one launch (one set of process groups).
 
 Usage: torchrun --nproc_per_node=N train_runs.py RUNS.json, where RUNS.json is a list of
-[config file, run_dir, [key=value, ...]]. Each run is `stairscale train` in-process.
+[config file, run_dir, [key=value, ...]]. Each run is `stairscale train` in-process. Each rank
+also writes what it held and read to run_dir/rank<N>.json (its layout, the lanes of every batch
+it trained on, its ZeRO stage, the shapes of its parameters), so that the tests can check that
+the layout was applied and not only that the numbers agree.
 """
 
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from stairscale.config import load_config
 from stairscale.parallel.groups import shutdown
 from stairscale.train.trainer import Trainer
 
+
+def train_and_record(trainer: Trainer, run_dir: Path) -> None:
+    lanes = set()
+    train_step = trainer.train_step
+
+    def observed_step(batch, *args):
+        lanes.add(batch.tokens.shape[0])
+        return train_step(batch, *args)
+
+    trainer.train_step = observed_step
+    trainer.train()
+    engine = getattr(trainer.optimizer, "engine", None)
+    record = {
+        "layout": dataclasses.asdict(trainer.layout),
+        "lanes_per_batch": sorted(lanes),
+        "zero_stage": engine.zero_optimization_stage() if engine else 0,
+        # ZeRO-3 partitions a parameter; ds_shape is its shape before that (after tensor sharding)
+        "shapes": {name: list(getattr(p, "ds_shape", p.shape)) for name, p in trainer.model.named_parameters()},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"rank{trainer.layout.rank}.json").write_text(json.dumps(record))
+
+
 if __name__ == "__main__":
     for config, run_dir, overrides in json.load(open(sys.argv[1])):
-        Trainer(load_config(config, [*overrides, f"run_dir={run_dir}"]), quiet=True).train()
+        train_and_record(Trainer(load_config(config, [*overrides, f"run_dir={run_dir}"]), quiet=True), Path(run_dir))
     shutdown()
