@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a task, data or train key for scoring, e.g. task.eval_length=512")
 
     prepare = commands.add_parser("prepare-data", help="write the task's splits as webdataset shards with a manifest")
-    prepare.add_argument("--config", help="YAML run config (its task section is used)")
+    prepare.add_argument("--config", help="YAML run config (its task section, and train.lanes and data.shard_docs for the shards)")
     prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prepare.add_argument("--out", required=True, help="dataset directory to write")
 

@@ -2,6 +2,7 @@
 under torchrun with 2 ranks x 2 workers), and a clear error for each kind of bad data."""
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -100,7 +101,8 @@ def test_one_epoch_reads_every_document_exactly_once(dataset):
             assert lane_tokens[where].tolist() == documents[doc_id]  # whole, in order
             assert np.array_equal(where, np.arange(where[0], where[0] + len(where)))  # contiguous
             assert where[0] % CHUNK == 0  # chunk aligned
-        assert np.array_equal(np.flatnonzero(lane_starts), np.flatnonzero(np.diff(lane_ids, prepend=-2) != 0)[lane_ids[np.diff(lane_ids, prepend=-2) != 0] >= 0])
+        document_begins = (np.diff(lane_ids, prepend=-2) != 0) & (lane_ids >= 0)  # where a new document id appears
+        assert np.array_equal(lane_starts.astype(bool), document_begins)  # the reset flag is set there, and only there
     assert sorted(lanes_of) == list(range(len(documents)))
 
 
@@ -164,16 +166,23 @@ def test_resume_refuses_a_different_global_batch(dataset):
         LaneLoader(spec(dataset, shuffle=False)).load_state_dict(state)
     state["step"] = 3
     state["lane_positions"][0]["offset"] += 1
+    loader = LaneLoader(spec(dataset))
     with pytest.raises(DataError, match="saved positions differ"):
-        LaneLoader(spec(dataset)).load_state_dict(state)
+        loader.load_state_dict(state)
+    assert (loader.epoch, loader.step) == (0, 0)  # a refused state moves nothing
 
 
 def test_evaluation_reads_the_split_once_in_order(dataset):
     loader = LaneLoader(spec(dataset, split="valid", shuffle=False))
     batches = global_batches(loader, 10_000)
     assert len(batches) == loader.plan(0).steps
-    ids = batches[:, 2]
-    assert sorted(np.unique(ids[ids >= 0]).tolist()) == list(range(len(read_split(dataset, "valid"))))
+    read = []
+    for lane in range(LANES):  # each lane: documents one after another, whole, in split order
+        ids = np.concatenate(batches[:, 2, lane])
+        runs = [int(doc) for doc, _ in itertools.groupby(ids) if doc >= 0]
+        assert runs == sorted(runs), runs
+        read += runs
+    assert sorted(read) == list(range(len(read_split(dataset, "valid"))))  # every document once
 
 
 # ---------------------------------------------------------------------------------- bad data
@@ -242,6 +251,15 @@ def test_corrupt_tar(copy, field, garbage, message):
     del manifest["splits"]["train"]["shards"][0]["tokens_at"]  # the sample-by-sample reader, which parses every header
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=f"{shard['file']}: {message}"):
+        read_all(copy)
+
+
+def test_a_sample_longer_than_the_manifest_says(copy):
+    manifest, shard = first_shard(copy)
+    shard["lengths"][0] += 8  # the lane plan would drift from here on
+    del shard["tokens_at"]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"{shard['file']}, sample 000000000: {shard['lengths'][0] - 8} tokens, but the manifest lists"):
         read_all(copy)
 
 
@@ -333,6 +351,7 @@ def test_a_changed_text_corpus_is_another_dataset(tmp_path):
     assert edited != before
     (corpus / "b.txt").write_text("a new file")
     assert content_hash(cfg) != edited
+    assert content_hash(RunConfig(task=cfg.task, train=TrainConfig(lanes=4))) != content_hash(cfg)  # pieces follow the lanes
 
 
 def test_every_lane_gets_a_shard_by_default(tmp_path):
@@ -346,7 +365,7 @@ def test_every_lane_gets_a_shard_by_default(tmp_path):
     loader = LaneLoader(LoaderSpec(str(tmp_path / "walks"), "train-64", 96, 64, 8, seed=0, shuffle=True))
     assert all(loader.plan(0).lanes)
     assert content_hash(cfg) != content_hash(RunConfig(task=cfg.task, train=TrainConfig(lanes=128)))
-    with pytest.raises(DataError, match="split train-64 has 96 shards for 128 lanes"):
+    with pytest.raises(DataError, match=r"split train-64 has 96 shards \(300 documents\) for 128 lanes"):
         LaneLoader(LoaderSpec(str(tmp_path / "walks"), "train-64", 128, 64, 8, seed=0, shuffle=True))
 
 
@@ -357,7 +376,7 @@ def test_bpe_reads_utf8_and_names_a_document_that_is_not(tmp_path):
     corpus.write_bytes(text)  # cut by bytes at 90/5/5%: the train split ends inside a character
     task = TaskConfig(name="text", path=str(corpus), tokenizer="bpe", bpe_vocab=300)
     manifest = prepare_dataset(RunConfig(task=task, train=TrainConfig(lanes=8)), tmp_path / "ok")
-    assert min(manifest["splits"][split]["documents"] for split in ("train", "valid", "test")) >= 8  # a piece per lane
+    assert manifest["splits"]["train"]["documents"] >= 8 and manifest["splits"]["valid"]["documents"] == 1  # a piece per training lane
     corpus.write_bytes(b"text, then a byte that is not UTF-8: \xff, then more text" * 20)
     with pytest.raises(DataError, match="split train, document 0: not UTF-8 text at byte 37"):
         prepare_dataset(RunConfig(task=task), tmp_path / "bad")

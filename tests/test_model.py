@@ -238,7 +238,8 @@ class HostReads(TorchDispatchMode):
     """Records the operations that make the host wait for the device: reading a value back, or an
     output whose shape depends on values (boolean indexing, nonzero)."""
 
-    READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal"}
+    READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal",
+             "aten._unique2", "aten.unique_consecutive", "aten.unique_dim"}
 
     def __init__(self):
         super().__init__()
@@ -246,8 +247,10 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
-        boolean_index = name == "aten.index" and any(i is not None and i.dtype == torch.bool for i in args[1])
-        if name in self.READS or boolean_index:
+        boolean_index = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        repeats_by_value = name == "aten.repeat_interleave" and isinstance(args[0], torch.Tensor) and len(args) > 1 and isinstance(args[1], torch.Tensor)
+        if name in self.READS or boolean_index or repeats_by_value:
             self.seen.append(name)
         return func(*args, **(kwargs or {}))
 

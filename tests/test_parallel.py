@@ -127,7 +127,7 @@ def assert_same_training(got, want, label: str) -> None:
         norm, want_norm = a["grad_norm"], b["grad_norm"]
         assert abs(norm - want_norm) <= NORM_TOL * want_norm, f"{label}: step {step + 1} grad norm {norm} vs {want_norm}"
         assert want_norm > TINY["train"]["grad_clip"]
-    assert weights.keys() == want_weights.keys()
+    assert weights.keys() == want_weights.keys() and want_weights
     for name, want_tensor in want_weights.items():
         error = float((weights[name] - want_tensor).norm() / want_tensor.norm())
         assert error <= TOL, f"{label}: {name} differs by {error:.2e} (relative)"

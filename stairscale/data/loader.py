@@ -61,6 +61,17 @@ def plan_epoch(spec: LoaderSpec, shards: list[Shard], epoch: int) -> EpochPlan:
     return EpochPlan(lanes, math.ceil(max(loads) / spec.segment_len))
 
 
+def check_a_shard_per_lane(root: str, split: str, shards: list[Shard], lanes: int) -> None:
+    """A lane reads whole shards: a training split needs one per lane (evaluation may leave lanes idle)."""
+    if len(shards) < lanes:
+        documents = sum(shard.documents for shard in shards)
+        raise DataError(
+            f"dataset {root}: split {split} has {len(shards)} shards ({documents} documents) for {lanes} lanes; a lane "
+            "reads whole shards, so some lanes would train on padding only. Prepare it with this run's train.lanes and "
+            "data.shard_docs 0 (a shard per lane, given enough documents), or use fewer lanes"
+        )
+
+
 def lane_position(spec: LoaderSpec, lane_shards: list[Shard], step: int) -> tuple[int, int, int]:
     """(shard in lane, document in shard, token offset in document) at the start of `step`."""
     remaining = step * spec.segment_len
@@ -132,12 +143,8 @@ class LaneLoader:
         self.shards = self.dataset.shards(spec.split)
         if not self.shards:
             raise DataError(f"dataset {spec.root}: split {spec.split} has no documents")
-        if spec.shuffle and len(self.shards) < spec.lanes:
-            raise DataError(
-                f"dataset {spec.root}: split {spec.split} has {len(self.shards)} shards for {spec.lanes} lanes; a lane reads "
-                "whole shards, so some lanes would train on padding only. Prepare it with at least one shard per lane "
-                "(data.shard_docs 0 does that), or use fewer lanes"
-            )
+        if spec.shuffle:
+            check_a_shard_per_lane(spec.root, spec.split, self.shards, spec.lanes)
         self.epoch, self.step = 0, 0
         self._plans: dict[int, EpochPlan] = {}
 
@@ -167,14 +174,18 @@ class LaneLoader:
                 self.epoch, self.step = self.epoch + 1, 0
             yield Batch.from_packed(np.concatenate(parts))
 
-    def state_dict(self) -> dict:
-        """The global position: what the next batch will be, for any data-parallel layout."""
+    def lane_positions(self, epoch: int, step: int) -> list[dict]:
+        """Where every global lane stands at the start of `step` of `epoch`."""
         positions = []
-        plan = self.plan(self.epoch)
+        plan = self.plan(epoch)
         for lane in range(self.spec.lanes):
-            shard_index, doc_index, offset = lane_position(self.spec, plan.lanes[lane], self.step)
+            shard_index, doc_index, offset = lane_position(self.spec, plan.lanes[lane], step)
             shard = plan.lanes[lane][shard_index].number if shard_index < len(plan.lanes[lane]) else None
             positions.append({"lane": lane, "shard": shard, "document": doc_index, "offset": offset})
+        return positions
+
+    def state_dict(self) -> dict:
+        """The global position: what the next batch will be, for any data-parallel layout."""
         return {
             "split": self.spec.split,
             "epoch": self.epoch,
@@ -185,7 +196,7 @@ class LaneLoader:
             "seed": self.spec.seed,
             "shuffle": self.spec.shuffle,
             "data": self.dataset.fingerprint,
-            "lane_positions": positions,
+            "lane_positions": self.lane_positions(self.epoch, self.step),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -197,10 +208,10 @@ class LaneLoader:
                     f"loader state: {key} was {state[key]!r}, now {mine!r}; the lane plan would differ, "
                     "so the run cannot resume at the exact token (keep the global batch, segment, chunk, seed and data)"
                 )
-        self.epoch, self.step = state["epoch"], state["step"]
-        if self.state_dict()["lane_positions"] != state["lane_positions"]:
+        if self.lane_positions(state["epoch"], state["step"]) != state["lane_positions"]:
             raise DataError("loader state: the lanes' saved positions differ from this plan's at the same step; "
                             "the lane plan changed, so the run cannot resume at the exact token")
+        self.epoch, self.step = state["epoch"], state["step"]
 
 
 def _identity(item):

@@ -63,7 +63,7 @@ def _walks(task: RandomWalkTask, cfg: TaskConfig, length: int) -> Iterator[Docum
 
 def text_pieces(documents: list[Document], piece_len: int, lanes: int, bos_id: int) -> list[Document]:
     """Texts cut into pieces of at most `piece_len` tokens; where that leaves fewer pieces than
-    lanes, into shorter ones, so that every lane has text to read (one text file fills every lane)."""
+    lanes, into shorter ones, at least one per lane (one text file fills every training lane)."""
     pieces = list(_pieces(documents, piece_len, bos_id))
     if len(pieces) < lanes:
         tokens = sum(len(doc.tokens) - 1 for doc in documents)
@@ -95,29 +95,43 @@ def prepare_dataset(cfg: RunConfig, out_dir: str | Path) -> dict:
     splits = {name: list(docs) for name, docs in task_splits(cfg.task).items()}
     vocab, files = task.vocab, {}
     if cfg.task.tokenizer == "bpe":
-        vocab, splits, files["tokenizer.json"] = bpe_encode(splits, cfg.task.bpe_vocab)
+        vocab, splits, files["tokenizer.json"] = bpe_encode(splits, cfg.task.bpe_vocab, cut_by_bytes=task.format != "files")
     if isinstance(task, TextTask):  # cut after tokenizing, so that no piece starts inside a character
-        splits = {name: text_pieces(docs, cfg.task.piece_len, cfg.train.lanes, vocab.bos_id) for name, docs in splits.items()}
+        # Only the train split needs a piece per lane: evaluation pieces stay long, whatever the lanes.
+        splits = {name: text_pieces(docs, cfg.task.piece_len, cfg.train.lanes if name == "train" else 1, vocab.bos_id)
+                  for name, docs in splits.items()}
     return write_dataset(out_dir, vocab, not isinstance(task, TextTask), splits, cfg.data.shard_docs,
                          shards_per_split(cfg), dataclasses.asdict(cfg.task), files)
 
 
-def _text(doc: Document, where: str) -> str:
-    """The document as UTF-8 text. A split cut by bytes (one file, enwik8) may cut a character at
-    its two ends; those at most 3 bytes at each end are dropped. Invalid bytes elsewhere are an error."""
+def _text(doc: Document, where: str, cut_by_bytes: bool) -> str:
+    """The document as UTF-8 text; invalid bytes are an error. A split cut by bytes (one file,
+    enwik8) may cut a character at its two ends: those at most 3 bytes at each end are dropped."""
     data = doc.tokens[1:].astype(np.uint8).tobytes()
     start = 0
-    while start < min(3, len(data)) and data[start] & 0xC0 == 0x80:  # the tail of a cut character
+    while cut_by_bytes and start < min(3, len(data)) and data[start] & 0xC0 == 0x80:  # the tail of a cut character
         start += 1
     try:
-        return codecs.getincrementaldecoder("utf-8")().decode(data[start:], final=False)
+        return codecs.getincrementaldecoder("utf-8")().decode(data[start:], final=not cut_by_bytes)
     except UnicodeDecodeError as err:
-        raise DataError(f"{where}: not UTF-8 text at byte {err.start}; the BPE tokenizer needs UTF-8 "
+        raise DataError(f"{where}: not UTF-8 text at byte {start + err.start}; the BPE tokenizer needs UTF-8 "
                         "(task.tokenizer=bytes reads any bytes)") from err
 
 
-def bpe_encode(splits: dict[str, list[Document]], vocab_size: int) -> tuple[Vocab, dict[str, list[Document]], bytes]:
-    """Train a byte-level BPE on the train split (`tokenizers`) and encode every split with it."""
+def _parts(text: str, part: int = 1 << 20) -> Iterator[str]:
+    """A text in parts of about `part` characters, each cut after a newline (the BPE reads and
+    encodes parts: all of enwik8 at once would take gigabytes)."""
+    start = 0
+    while start < len(text):
+        stop = text.find("\n", start + part) + 1 or len(text)
+        yield text[start:stop]
+        start = stop
+
+
+def bpe_encode(splits: dict[str, list[Document]], vocab_size: int, cut_by_bytes: bool) -> tuple[Vocab, dict[str, list[Document]], bytes]:
+    """Train a byte-level BPE on the train split (`tokenizers`) and encode every split with it.
+    `<pad>` and `<bos>` in the text are text; a tokenizer loaded from the saved tokenizer.json
+    needs `encode_special_tokens = True` to encode them the same way (the file does not keep it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -125,26 +139,16 @@ def bpe_encode(splits: dict[str, list[Document]], vocab_size: int) -> tuple[Voca
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = {name: [_text(doc, f"split {name}, document {i}") for i, doc in enumerate(docs)] for name, docs in splits.items()}
-    tokenizer.train_from_iterator(texts["train"], trainer=trainer)
+    texts = {name: [_text(doc, f"split {name}, document {i}", cut_by_bytes) for i, doc in enumerate(docs)] for name, docs in splits.items()}
+    tokenizer.train_from_iterator((part for text in texts["train"] for part in _parts(text)), trainer=trainer)
     tokenizer.encode_special_tokens = True  # "<pad>" in the text is text, not the pad token
     vocab = Vocab(tuple(sorted(tokenizer.get_vocab(), key=tokenizer.token_to_id)), tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("<bos>"))
     encoded = {
-        name: [Document(np.array([vocab.bos_id] + _encode(tokenizer, text), dtype=np.int64)) for text in split_texts]
+        name: [Document(np.array([vocab.bos_id] + [i for part in _parts(text) for i in tokenizer.encode(part).ids], dtype=np.int64))
+               for text in split_texts]
         for name, split_texts in texts.items()
     }
     return vocab, encoded, tokenizer.to_str().encode()
-
-
-def _encode(tokenizer, text: str, part: int = 1 << 20) -> list[int]:
-    """Token ids of a text, encoded in parts of about `part` characters cut after a newline
-    (all of enwik8 in one call would take gigabytes)."""
-    ids, start = [], 0
-    while start < len(text):
-        stop = text.find("\n", start + part) + 1 or len(text)
-        ids += tokenizer.encode(text[start:stop]).ids
-        start = stop
-    return ids
 
 
 def content_hash(cfg: RunConfig) -> str:
@@ -152,6 +156,7 @@ def content_hash(cfg: RunConfig) -> str:
     content = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k not in _NOT_CONTENT}
     if cfg.task.name == "text":  # the same config over a changed corpus makes another dataset
         content["source"] = build_task(cfg.task).fingerprint()
+        content["lanes"] = cfg.train.lanes  # a split with fewer texts than lanes is cut into one piece per lane
     content["sharding"] = cfg.data.shard_docs or f"{shards_per_split(cfg)} shards"
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 

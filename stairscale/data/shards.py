@@ -42,6 +42,9 @@ def write_dataset(
     check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.writing-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # as mkdir would make it (mkdtemp makes it private)
     try:
         manifest = _write_splits(tmp, vocab, labelled, splits, shard_docs, shards, source, files)
     except BaseException:
@@ -243,7 +246,7 @@ class Dataset:
             labels.append(self._field(shard, key, members, "labels", self.label_dtype) if self.labelled else None)
         if len(keys) != shard.documents:
             raise DataError(f"shard {shard.path}: {len(keys)} samples, but the manifest lists {shard.documents}")
-        good = [self._good(shard, key, t, l) for key, t, l in zip(keys, tokens, labels)]
+        good = [self._good(shard, key, t, l, n) for key, t, l, n in zip(keys, tokens, labels, shard.lengths)]
         # Under on_bad_sample="skip" a bad sample keeps its place, as padding of the manifest's length
         # (id SKIPPED), so that the lane plan, made from those lengths, still holds.
         ids = np.where(good, shard.first_document + np.arange(len(keys)), SKIPPED)
@@ -280,7 +283,7 @@ class Dataset:
             return None  # reported by _good
         return np.frombuffer(members[field], dtype=dtype)
 
-    def _good(self, shard: Shard, key: str, tokens: np.ndarray | None, labels: np.ndarray | None) -> bool:
+    def _good(self, shard: Shard, key: str, tokens: np.ndarray | None, labels: np.ndarray | None, length: int) -> bool:
         """Check one sample; raise, or under on_bad_sample="skip" count it and return False."""
         where = f"shard {shard.path}, sample {key}"
         try:
@@ -289,6 +292,8 @@ class Dataset:
             if labels is not None and len(labels) != len(tokens):
                 raise DataError(f"{where}: {len(labels)} labels for {len(tokens)} tokens")
             _check_document(Document(tokens, labels), len(self.vocab), self.labelled, where)
+            if len(tokens) != length:  # the lane plan is made from the manifest's lengths
+                raise DataError(f"{where}: {len(tokens)} tokens, but the manifest lists {length}")
             return True
         except DataError as err:
             if self.on_bad_sample != "skip":

@@ -61,7 +61,9 @@ class DeepSpeedOptimizer:
     """The trainer's optimizer interface (backward, step) on a DeepSpeed engine."""
 
     def __init__(self, model: nn.Module, cfg: RunConfig, layout: Layout, optimizer: torch.optim.Optimizer):
-        if next(model.parameters()).device.type == "cpu":  # also train.device=cpu on a machine with a GPU
+        # Also for train.device=cpu on a machine with a GPU. DeepSpeed reads this once per process,
+        # when it first picks its accelerator.
+        if next(model.parameters()).device.type == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"
         import deepspeed
 

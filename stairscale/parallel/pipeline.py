@@ -160,10 +160,15 @@ class PipelineRunner:
         try:
             micro.call = micro.steps.send((micro.tops[step], micro.layer_inputs.pop(step)))
         except StopIteration as finished:
-            micro.result = finished.value
-            micro.state.rows = micro.result[1]
-            if self.layout.last_stage:
-                self._score(micro)
+            self._finish(micro, finished.value)
+
+    def _finish(self, micro: MicroBatch, result: tuple) -> None:
+        """The segment's last call is done: keep the final rows and the carried state; the last
+        stage scores the micro-batch (and, training, runs the loss's backward into the top rows)."""
+        micro.result = result
+        micro.state.rows = result[1]
+        if self.layout.last_stage:
+            self._score(micro)
 
     def _finish_forward(self, micros: list[MicroBatch]) -> None:
         """End every micro-batch's generator with its last call's top rows."""
@@ -186,7 +191,7 @@ class PipelineRunner:
         """Receives, in the order of `recvs`: the previous call's top rows, then the input rows."""
         top = [self._recv(t, micro) for t in recvs if t.kind == wavefront.TOP]
         if step > 0:
-            self._advance(micro, step - 1, *top)
+            self._advance(micro, step - 1, top[0] if top else None)
         call = micro.call
         if self.layout.first_stage:
             rows = call.queries

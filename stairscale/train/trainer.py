@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from stairscale.config import RunConfig
 from stairscale.data.lanes import Batch
-from stairscale.data.loader import LaneLoader, LoaderSpec
+from stairscale.data.loader import LaneLoader, LoaderSpec, check_a_shard_per_lane
 from stairscale.data.prepare import build_task, dataset_dir, train_split
 from stairscale.data.shards import Dataset
 from stairscale.data.tasks import IGNORE
@@ -119,10 +119,13 @@ class Trainer:
         self.quiet = quiet or not self.layout.reports
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
-        for split in [*(train_split(cfg.task, i) for i in range(cfg.task.stages)), "valid", "test"]:
-            if not self.dataset.shards(split):  # fail now, not after training
+        training = [train_split(cfg.task, i) for i in range(cfg.task.stages)]
+        for split in [*training, "valid", "test"]:  # fail now, not after training
+            if not self.dataset.shards(split):
                 raise DataError(f"dataset {self.data_root}: split {split} has no documents; a run trains on its train "
                                 "split(s) and is scored on valid and test")
+            if split in training:
+                check_a_shard_per_lane(str(self.data_root), split, self.dataset.shards(split), cfg.train.lanes)
         self.labelled = self.dataset.labelled
         self.vocab = (len(self.dataset.vocab), self.dataset.vocab.pad_id)
         model = build_model(cfg, *self.vocab, self.layout).to(self.device)
