@@ -247,9 +247,8 @@ def test_corrupt_tar(copy, field, garbage, message):
     second = 512 + -(-int(data[124:135], 8) // 512) * 512  # the second member's header
     data[second + field.start : second + field.stop] = garbage
     path.write_bytes(bytes(data))
+    del shard["tokens_at"]  # the sample-by-sample reader, which parses every header
     rewrite_manifest_checksum(copy, manifest, shard)
-    del manifest["splits"]["train"]["shards"][0]["tokens_at"]  # the sample-by-sample reader, which parses every header
-    (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=f"{shard['file']}: {message}"):
         read_all(copy)
 

@@ -18,6 +18,7 @@ from stairscale.data.tasks import IGNORE
 
 
 FIELDS = ("tokens", "targets", "doc_start", "doc_pos", "doc_id")  # the rows of a packed array
+PACKED = np.int32  # a lane holds a whole shard packed: 20 bytes per token, not 40 (batches are int64)
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Batch:
     @classmethod
     def from_packed(cls, lanes: np.ndarray) -> Batch:
         """From packed segments of B lanes, [B, len(FIELDS), M]."""
-        column = {name: torch.from_numpy(np.ascontiguousarray(lanes[:, i])) for i, name in enumerate(FIELDS)}
+        column = {name: torch.from_numpy(lanes[:, i].astype(np.int64)) for i, name in enumerate(FIELDS)}
         column["doc_start"] = column["doc_start"].bool()
         return cls(**column)
 
@@ -47,7 +48,7 @@ class Batch:
 
 def padding(length: int, pad_id: int) -> np.ndarray:
     """`length` positions of padding, one row per field of FIELDS."""
-    out = np.empty((len(FIELDS), length), dtype=np.int64)
+    out = np.empty((len(FIELDS), length), dtype=PACKED)
     out[:] = np.array([pad_id, IGNORE, 0, -1, -1])[:, None]
     return out
 

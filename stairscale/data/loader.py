@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stairscale.data.lanes import FIELDS, Batch, LaneStream, pack
+from stairscale.data.lanes import FIELDS, PACKED, Batch, LaneStream, pack
 from stairscale.data.shards import Dataset, Shard
 from stairscale.errors import DataError
 
@@ -104,7 +104,7 @@ def epoch_segments(spec: LoaderSpec, dataset: Dataset, plan: EpochPlan, lanes: l
         streams.append(stream)
     for _ in range(start_step, plan.steps):
         # [lanes, fields, M]; a worker with no lanes still answers every step
-        yield np.stack([stream.take(spec.segment_len) for stream in streams]) if streams else np.zeros((0, len(FIELDS), spec.segment_len), dtype=np.int64)
+        yield np.stack([stream.take(spec.segment_len) for stream in streams]) if streams else np.zeros((0, len(FIELDS), spec.segment_len), dtype=PACKED)
 
 
 class _LaneData(IterableDataset):

@@ -263,8 +263,8 @@ class Dataset:
         """Every document of a split, in order (for tools and tests; training reads read_shard)."""
         for shard in self.shards(split):
             docs = self.read_shard(shard)
-            for start, length, id in zip(np.cumsum(docs.lengths) - docs.lengths, docs.lengths, docs.ids):
-                if id == SKIPPED:
+            for start, length, doc_id in zip(np.cumsum(docs.lengths) - docs.lengths, docs.lengths, docs.ids):
+                if doc_id == SKIPPED:
                     continue
                 labels = None if docs.labels is None else docs.labels[start : start + length]
                 yield Document(docs.tokens[start : start + length], labels)
