@@ -60,6 +60,7 @@ def pack(tokens: np.ndarray, labels: np.ndarray | None, lengths: np.ndarray, ids
     targets) with their lengths and ids; the result has one row per field of FIELDS.
     Vectorised: no Python loop per document."""
     lengths = np.asarray(lengths, dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.int64)
     padded = -(-lengths // chunk) * chunk
     source_start = np.cumsum(lengths) - lengths
     packed_start = np.cumsum(padded) - padded
@@ -77,8 +78,8 @@ def pack(tokens: np.ndarray, labels: np.ndarray | None, lengths: np.ndarray, ids
     out[1, dest] = flat_targets
     out[2, packed_start] = 1
     out[3, dest] = within
-    out[4, dest] = np.asarray(ids, dtype=np.int64)[doc_of_token]
-    skipped = np.asarray(ids) < 0  # bad samples skipped under on_bad_sample="skip": padding in their place
+    out[4, dest] = ids[doc_of_token]
+    skipped = ids < 0  # bad samples skipped under on_bad_sample="skip": padding in their place
     if skipped.any():
         out[:, dest[skipped[doc_of_token]]] = padding(1, pad_id)
         out[2, packed_start[skipped]] = 0

@@ -121,11 +121,12 @@ class Trainer:
         self.dataset = Dataset(self.data_root)
         training = [train_split(cfg.task, i) for i in range(cfg.task.stages)]
         for split in [*training, "valid", "test"]:  # fail now, not after training
-            if not self.dataset.shards(split):
+            shards = self.dataset.shards(split)
+            if not shards:
                 raise DataError(f"dataset {self.data_root}: split {split} has no documents; a run trains on its train "
                                 "split(s) and is scored on valid and test")
             if split in training:
-                check_a_shard_per_lane(str(self.data_root), split, self.dataset.shards(split), cfg.train.lanes)
+                check_a_shard_per_lane(str(self.data_root), split, shards, cfg.train.lanes)
         self.labelled = self.dataset.labelled
         self.vocab = (len(self.dataset.vocab), self.dataset.vocab.pad_id)
         model = build_model(cfg, *self.vocab, self.layout).to(self.device)
