@@ -170,6 +170,15 @@ def test_pipeline_with_data_or_tensor_parallel(config, single, tmp_path):
     assert_same_training(tp_pp["tp2_pp2"], single["staircase"], "tp2 x pp2, activation checkpointing")
 
 
+def test_four_pipeline_stages(config, tmp_path):
+    """Four stages exchange with several peers at once: the last stage sends top rows to every
+    stage (cached schedule), and with fewer micro-batches than stages the wavefront has gaps."""
+    deep = ["model.n_layers=4", *VARIANTS["cached_relative"]]
+    Trainer(load_config(config, [*deep, f"run_dir={tmp_path / 'single'}"]), quiet=True).train()
+    got = launch_runs(4, config, tmp_path, {"pp4": [*deep, "parallel.pipeline=4", "train.grad_accum=2"]})
+    assert_same_training(got["pp4"], read_run(tmp_path / "single"), "pp4 cached relative, 2 micro-batches")
+
+
 def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
