@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stairscale.config import ModelConfig
 from stairscale.model.lm import StaircaseLM
+from stairscale.model.schedules import make_schedule
 from stairscale.model.state import RecurrentState, Rows
 
 VOCAB, PAD = 11, 0
@@ -151,6 +152,19 @@ def test_every_token_gets_one_loss_term_from_its_final_pass():
     assert model.core.calls == 16 // 4 + 3 - 1  # M/F + n - 1 sequential core calls
     # The row given to the head is the n-th pass: it matches the definition only at pass n.
     assert (logprobs - reference_staircase(model, tokens)).abs().max() < TOL
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+@pytest.mark.parametrize("length", [4, 8, 20])
+def test_schedules_know_each_calls_rows_in_advance(name, length):
+    """The pipeline sizes its receive buffers with schedule.rows before a call is made."""
+    model = make_model(**STATEFUL[name])
+    tokens, starts = stream(lanes=2, length=length)
+    rows = []
+    model.core.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[1]))
+    model.logprobs(tokens, starts, model.initial_state(2))
+    schedule = make_schedule(model.cfg)
+    assert rows == [schedule.rows(step, length) for step in range(schedule.count(length))]
 
 
 @pytest.mark.parametrize("positions", ["relative", "rope"])

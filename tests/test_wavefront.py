@@ -1,6 +1,5 @@
 """The pipeline wavefront schedule as a pure list of actions."""
 
-import collections
 import itertools
 
 import pytest
@@ -9,9 +8,11 @@ from stairscale.parallel.wavefront import (
     Action,
     closing_transfers,
     dependencies,
+    forward_end,
     forward_bubble_fraction,
     receives_top,
     schedule,
+    stage_slots,
     transfers,
 )
 
@@ -55,49 +56,49 @@ def test_enough_micro_batches_fill_the_pipeline():
     assert forward_bubble_fraction(4, 8, 9) < 0.05
 
 
-def run_messages(stages, micro, steps, cached, backward):
-    """Play every stage's receives and sends (wavefront.transfers) in its action order, with
-    asynchronous sends and blocking receives that take the oldest message of their channel (how
-    NCCL matches point-to-point messages). Fails on a mismatch; returns False on a deadlock."""
+def replay_exchanges(stages, micro, steps, cached, backward):
+    """Play the runner's communication under the strictest rules NCCL allows: each stage runs its
+    slot's action, then posts the slot's exchange and waits for it; an exchange completes only
+    when every stage it names has posted its own exchange of that slot (a send waits for its
+    receive). Fails when an action's input has not arrived or a message is unmatched; returns
+    False on a deadlock."""
     plan = schedule(stages, micro, steps, backward)
-    ops = []
-    for p in range(stages):
-        stage_ops = []
-        actions = plan.per_stage(p)
-        last_forward = max(i for i, a in enumerate(actions) if a.phase == "F")
-        for i, action in enumerate(actions):
-            recvs, sends = transfers(action, stages, steps, cached)
-            stage_ops += [("recv", t) for t in recvs] + [("send", t) for t in sends]
-            if i == last_forward:
-                stage_ops += [("recv", t) for t in closing_transfers(p, stages, micro, steps, cached)]
-        ops.append(stage_ops)
-    channels = collections.defaultdict(collections.deque)
-    done = [0] * stages
-    while any(done[p] < len(ops[p]) for p in range(stages)):
+    slots = [stage_slots(plan, p, cached) for p in range(stages)]
+    end = forward_end(plan)
+    at, posted, inbox = [0] * stages, [False] * stages, [set() for _ in range(stages)]
+    while any(i < len(plan.slots) for i in at):
         progress = False
         for p in range(stages):
-            while done[p] < len(ops[p]):
-                kind, transfer = ops[p][done[p]]
-                channel = channels[transfer.src, transfer.dst]
-                if kind == "send":
-                    channel.append(transfer)
-                elif not channel:
-                    break
-                else:
-                    assert channel.popleft() == transfer, f"stage {p} expected {transfer}"
-                done[p] += 1
-                progress = True
+            i = at[p]
+            if i == len(plan.slots):
+                continue
+            slot = slots[p][i]
+            if not posted[p]:
+                if slot.action is not None:
+                    for needed in transfers(slot.action, stages, steps, cached)[0]:
+                        assert needed in inbox[p], f"stage {p} runs {slot.action} before {needed} arrived"
+                        inbox[p].remove(needed)
+                posted[p] = progress = True
+                continue
+            assert all(t in slots[t.dst][i].recvs for t in slot.sends) and all(t in slots[t.src][i].sends for t in slot.recvs)
+            peers = {t.dst for t in slot.sends} | {t.src for t in slot.recvs}
+            if all(at[q] > i or (at[q] == i and posted[q]) for q in peers):
+                inbox[p].update(slot.recvs)
+                if i == end:
+                    for needed in closing_transfers(p, stages, micro, steps, cached):
+                        inbox[p].remove(needed)
+                at[p], posted[p], progress = i + 1, False, True
         if not progress:
             return False
-    assert not any(channels.values()), "messages sent but never received"
+    assert not any(inbox), "messages received but never used"
     return True
 
 
 @pytest.mark.parametrize("stages, micro, steps", [s for s in SHAPES if s[0] > 1])
 @pytest.mark.parametrize("cached", [False, True])
-def test_messages_arrive_in_order_without_deadlock(stages, micro, steps, cached):
+def test_exchanges_deliver_every_input_in_time_without_deadlock(stages, micro, steps, cached):
     for backward in (False, True):
-        assert run_messages(stages, micro, steps, cached, backward)
+        assert replay_exchanges(stages, micro, steps, cached, backward)
 
 
 def test_top_rows_go_to_the_first_stage_and_with_a_cache_to_every_stage():

@@ -61,6 +61,11 @@ class StaircaseSchedule:
         """Core calls per segment."""
         return segment_len // self.chunk + self.window - 1
 
+    def rows(self, step: int, segment_len: int) -> int:
+        """Query rows of core call `step`: the chunks of its window."""
+        last_chunk = segment_len // self.chunk - 1
+        return (min(step, last_chunk) - max(0, step - self.window + 1) + 1) * self.chunk
+
     def steps(self, x: Tensor, pos: Tensor, doc: Tensor, carried: dict[str, Rows]) -> Steps:
         F, n = self.chunk, self.window
         K = x.shape[1] // F
@@ -108,6 +113,9 @@ class LadderSchedule:
 
     def count(self, segment_len: int) -> int:
         return self.repeats
+
+    def rows(self, step: int, segment_len: int) -> int:
+        return segment_len
 
     def steps(self, x: Tensor, pos: Tensor, doc: Tensor, carried: dict[str, Rows]) -> Steps:
         carry_out = {}

@@ -12,9 +12,11 @@ only the tensors differ:
 
 Each call's graph is cut at its inputs: received activations, top rows and the embeddings become
 leaf tensors, so a call's backward is one `torch.autograd.backward` on one stage, and the leaves'
-gradients are what travel back. The order of the actions on each stage, and what each action
-receives and sends, come from the pure wavefront module (parallel/wavefront.py), whose tests show
-that every message arrives in order and no stage waits forever.
+gradients are what travel back. The order of the actions on each stage, what each action receives
+and sends, and when messages travel (one batch per time slot of the wavefront, posted in the same
+slot order on every stage) come from the pure wavefront module (parallel/wavefront.py), whose tests
+show that every input arrives before it is used and no stage waits forever, even where a send
+waits for its receive (NCCL).
 """
 
 from __future__ import annotations
@@ -98,8 +100,10 @@ class PipelineRunner:
         self.stage = stage
         self.layout = stage.layout
         self.schedule = make_schedule(stage.cfg)
-        self.stage_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+        self.group = parallel_state.get_pipeline_model_parallel_group()
+        self.stage_ranks = dist.get_process_group_ranks(self.group)
         self.cached = stage.cfg.cache_len > 0
+        self.joined = False
 
     def train(self, micro_batches: list[tuple[Tensor, Tensor, Tensor]], states: list[RecurrentState], loss_scale: float):
         """Forward and backward of every micro-batch's segment; gradients are left in .grad."""
@@ -108,29 +112,30 @@ class PipelineRunner:
         if relative is not None:  # read by the layers of every stage: sum its gradient
             if relative.grad is None:
                 relative.grad = torch.zeros_like(relative)
-            dist.all_reduce(relative.grad, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.all_reduce(relative.grad, group=self.group)
         return scores
 
     def run(self, micro_batches, states, loss_scale: float | None) -> tuple[list[Scores | None], list[RecurrentState]]:
         """Scores (last stage) and new states of the micro-batches; with a loss scale, also backward."""
         layout, training = self.layout, loss_scale is not None
-        self.loss_scale, self.sent = loss_scale, []
-        self.steps = self.schedule.count(micro_batches[0][0].shape[1])
+        self.loss_scale, self.sent, self.inbox, self.outbox = loss_scale, [], {}, {}
+        self.segment_len, self.dtype = micro_batches[0][0].shape[1], next(self.stage.parameters()).dtype
+        self.steps = self.schedule.count(self.segment_len)
+        self._join_group(micro_batches[0][0].device)
         with torch.set_grad_enabled(training):
             micros = [self._start(g, *batch, state) for g, (batch, state) in enumerate(zip(micro_batches, states))]
-            plan = _plan(layout.pp, len(micros), self.steps, training, layout.pp_rank)
-            last_forward = max(i for i, action in enumerate(plan) if action.phase == "F")
-            for i, action in enumerate(plan):
-                recvs, sends = wavefront.transfers(action, layout.pp, self.steps, self.cached)
-                micro = micros[action.micro]
-                if action.phase == "F":
-                    self._forward(micro, action.step, recvs, sends)
-                else:
-                    self._backward(micro, action.step, recvs, sends)
-                if i == last_forward:
+            slots, forward_end = _plan(layout.pp, len(micros), self.steps, training, layout.pp_rank, self.cached)
+            for t, slot in enumerate(slots):
+                if slot.action is not None:
+                    recvs, sends = wavefront.transfers(slot.action, layout.pp, self.steps, self.cached)
+                    run_action = self._forward if slot.action.phase == "F" else self._backward
+                    run_action(micros[slot.action.micro], slot.action.step, recvs, sends)
+                self._exchange(slot, micros)
+                if t == forward_end:
                     self._finish_forward(micros)
         for handle in self.sent:
             handle.wait()
+        assert not self.inbox and not self.outbox, "a message was never used"
         return [m.scores for m in micros], [m.state for m in micros]
 
     # -- one micro-batch's generator ------------------------------------------------------------
@@ -173,7 +178,7 @@ class PipelineRunner:
     def _finish_forward(self, micros: list[MicroBatch]) -> None:
         """End every micro-batch's generator with its last call's top rows."""
         for transfer in wavefront.closing_transfers(self.layout.pp_rank, self.layout.pp, len(micros), self.steps, self.cached):
-            self._advance(micros[transfer.micro], self.steps - 1, self._recv(transfer, micros[transfer.micro]))
+            self._advance(micros[transfer.micro], self.steps - 1, self._take(transfer))
         for micro in micros:
             if micro.result is None:
                 self._advance(micro, self.steps - 1)
@@ -189,7 +194,7 @@ class PipelineRunner:
 
     def _forward(self, micro: MicroBatch, step: int, recvs: list, sends: list) -> None:
         """Receives, in the order of `recvs`: the previous call's top rows, then the input rows."""
-        top = [self._recv(t, micro) for t in recvs if t.kind == wavefront.TOP]
+        top = [self._take(t) for t in recvs if t.kind == wavefront.TOP]
         if step > 0:
             self._advance(micro, step - 1, top[0] if top else None)
         call = micro.call
@@ -197,7 +202,7 @@ class PipelineRunner:
             rows = call.queries
         else:
             (transfer,) = [t for t in recvs if t.kind == wavefront.ACTIVATION]
-            rows = self._recv(transfer, micro).requires_grad_(torch.is_grad_enabled())
+            rows = self._take(transfer).requires_grad_(torch.is_grad_enabled())
         out, micro.layer_inputs[step] = self.stage.core(rows, call.pos, call.doc, call.context)
         micro.inputs[step], micro.outputs[step] = rows, out
         for transfer in sends:
@@ -206,7 +211,7 @@ class PipelineRunner:
             self._advance(micro, step)
 
     def _backward(self, micro: MicroBatch, step: int, recvs: list, sends: list) -> None:
-        grads = [self._recv(t, micro) for t in recvs]
+        grads = [self._take(t) for t in recvs]
         out = micro.outputs.pop(step)
         if self.layout.last_stage:
             grad = sum(grads, _grad_or_zeros(micro.tops[step]))  # the head's and the stages' uses
@@ -221,17 +226,39 @@ class PipelineRunner:
             micro.embedded.backward(_grad_or_zeros(micro.embedded_leaf))
 
     # -- point to point ---------------------------------------------------------------------------
+    # An action leaves what it sends in the outbox; the slot's exchange posts those sends and the
+    # receives of what other stages produced in the same slot as one batch (one NCCL group); an
+    # action takes what it needs from the inbox, waiting for it there.
+
+    def _join_group(self, device: torch.device) -> None:
+        """NCCL needs every rank of a group in its first operation; later batches may use pairs."""
+        if not self.joined:
+            dist.all_reduce(torch.zeros(1, device=device), group=self.group)
+            self.joined = True
 
     def _send(self, tensor: Tensor, transfer: wavefront.Transfer) -> None:
-        self.sent.append(dist.isend(tensor.detach().contiguous(), self.stage_ranks[transfer.dst], tag=_tag(transfer)))
+        self.outbox[transfer] = tensor.detach().to(self.dtype).contiguous()
 
-    def _recv(self, transfer: wavefront.Transfer, micro: MicroBatch) -> Tensor:
-        if transfer.kind in (wavefront.ACTIVATION, wavefront.TOP):
-            shape = micro.call.queries.shape  # the call in progress, or the one whose top rows these are
-        else:
-            shape = micro.outputs[transfer.step].shape
-        buffer = torch.empty(shape, device=micro.tokens.device)
-        dist.recv(buffer, self.stage_ranks[transfer.src], tag=_tag(transfer))
+    def _exchange(self, slot: wavefront.Slot, micros: list[MicroBatch]) -> None:
+        ops, received = [], []
+        for transfer in slot.sends:
+            ops.append(dist.P2POp(dist.isend, self.outbox.pop(transfer), self.stage_ranks[transfer.dst], self.group, _tag(transfer)))
+        for transfer in slot.recvs:
+            lanes = micros[transfer.micro].tokens.shape[0]
+            rows = self.schedule.rows(transfer.step, self.segment_len)
+            buffer = torch.empty(lanes, rows, self.stage.cfg.d_model, dtype=self.dtype, device=micros[0].tokens.device)
+            ops.append(dist.P2POp(dist.irecv, buffer, self.stage_ranks[transfer.src], self.group, _tag(transfer)))
+            received.append((transfer, buffer))
+        if not ops:
+            return
+        handles = dist.batch_isend_irecv(ops)
+        self.sent += handles[: len(slot.sends)]
+        for (transfer, buffer), handle in zip(received, handles[len(slot.sends) :]):
+            self.inbox[transfer] = (buffer, handle)
+
+    def _take(self, transfer: wavefront.Transfer) -> Tensor:
+        buffer, handle = self.inbox.pop(transfer)
+        handle.wait()
         return buffer
 
 
@@ -246,5 +273,7 @@ def _grad_or_zeros(leaf: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(stages: int, micro_batches: int, steps: int, backward: bool, stage: int) -> list[wavefront.Action]:
-    return wavefront.schedule(stages, micro_batches, steps, backward).per_stage(stage)
+def _plan(stages: int, micro_batches: int, steps: int, backward: bool, stage: int, cached: bool) -> tuple[list[wavefront.Slot], int]:
+    """This stage's slots, and the slot after whose exchange every forward is done."""
+    plan = wavefront.schedule(stages, micro_batches, steps, backward)
+    return wavefront.stage_slots(plan, stage, cached), wavefront.forward_end(plan)

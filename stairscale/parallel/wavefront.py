@@ -161,3 +161,35 @@ def closing_transfers(stage: int, stages: int, micro_batches: int, steps: int, c
     if not receives_top(stage, steps - 1, stages, steps, cached):
         return []
     return [Transfer(TOP, g, steps - 1, stages - 1, stage) for g in range(micro_batches)]
+
+
+# -- when messages travel ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One time slot of one stage: its action (None when idle), then one exchange that sends what
+    the action produced and receives what the other stages produced for this stage in this slot."""
+
+    action: Action | None
+    sends: tuple[Transfer, ...]
+    recvs: tuple[Transfer, ...]
+
+
+def stage_slots(plan: Schedule, stage: int, cached: bool) -> list[Slot]:
+    """The slots of one stage. Every stage posts its exchanges in slot order, and the exchange of
+    slot t matches the other stages' exchanges of slot t only: like a sequence of collectives, it
+    cannot deadlock even when a send waits for its receive (NCCL)."""
+    slots = []
+    for slot in plan.slots:
+        produced = [t for action in slot if action is not None for t in transfers(action, plan.stages, plan.steps, cached)[1]]
+        sends = tuple(t for t in produced if t.src == stage)
+        recvs = tuple(t for t in produced if t.dst == stage)
+        slots.append(Slot(slot[stage], sends, recvs))
+    return slots
+
+
+def forward_end(plan: Schedule) -> int:
+    """The last slot with a forward action on any stage: after its exchange every stage holds the
+    top rows of every last call (closing_transfers)."""
+    return max(t for t, slot in enumerate(plan.slots) if any(a is not None and a.phase == "F" for a in slot))
