@@ -42,8 +42,9 @@ class Batch:
     def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in self.fields()))
 
-    def lanes(self, index: slice) -> Batch:
-        return Batch(*(t[index] for t in self.fields()))
+    def split(self, parts: int) -> list[Batch]:
+        """`parts` micro-batches of consecutive lanes (lanes are independent streams)."""
+        return [Batch(*fields) for fields in zip(*(t.chunk(parts) for t in self.fields()))]
 
 
 def padding(length: int, pad_id: int) -> np.ndarray:

@@ -46,7 +46,8 @@ def stage_layers(n_layers: int, stages: int, stage: int) -> range:
 
 
 class PipelineStage(nn.Module):
-    """One stage of StaircaseLM, with the single-device parameter names."""
+    """One stage of StaircaseLM, with the single-device parameter names. Its runner drives it:
+    `runner.train` for a training step, `runner.run` without a loss scale for evaluation."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, layout: Layout, layers: LayerProvider | None = None):
         super().__init__()
@@ -63,13 +64,6 @@ class PipelineStage(nn.Module):
 
     def initial_state(self, lanes: int, device: torch.device | str = "cpu") -> RecurrentState:
         return RecurrentState.initial(lanes, device)
-
-    def forward(self, tokens: Tensor, doc_start: Tensor, targets: Tensor, state: RecurrentState) -> tuple[Scores | None, RecurrentState]:
-        """One micro-batch through the pipeline; scores on the last stage, None elsewhere.
-        Under torch.no_grad (evaluation) only: training goes through `runner.train`."""
-        assert not torch.is_grad_enabled(), "train a pipeline stage with PipelineStage.runner.train"
-        (scores,), (state,) = self.runner.run([(tokens, doc_start, targets)], [state], loss_scale=None)
-        return scores, state
 
 
 @dataclass

@@ -80,13 +80,22 @@ def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, la
     was_training = model.training
     model.eval()
     tally = Tally.for_dataset(loader.dataset)
-    state = model.initial_state(len(loader.local_lanes), device)
+    lanes = len(loader.local_lanes)
+    # Pipeline stages split their lanes into micro-batches, as in training, so that they overlap.
+    parts = math.gcd(lanes, cfg.train.grad_accum) if layout.pp > 1 else 1
+    states = [model.initial_state(lanes // parts, device) for _ in range(parts)]
     for batch in loader:
-        on_device = batch.to(device)
+        micros = batch.split(parts)
+        on_device = [m.to(device) for m in micros]
         with autocast(cfg, device):
-            scores, state = model(on_device.tokens, on_device.doc_start, on_device.targets, state)
-        if scores is not None:  # None on pipeline stages without the head
-            tally.add(scores, batch.targets, batch.doc_pos)
+            if layout.pp > 1:
+                all_scores, states = model.runner.run([(m.tokens, m.doc_start, m.targets) for m in on_device], states, loss_scale=None)
+            else:
+                scores, states[0] = model(on_device[0].tokens, on_device[0].doc_start, on_device[0].targets, states[0])
+                all_scores = [scores]
+        for micro, scores in zip(micros, all_scores):
+            if scores is not None:  # None on pipeline stages without the head
+                tally.add(scores, micro.targets, micro.doc_pos)
     model.train(was_training)
     return collectives.sum_tallies(tally, layout)
 
@@ -202,8 +211,7 @@ class Trainer:
         t = self.cfg.train
         targets = collectives.sum_over_data_parallel(int((batch.targets != IGNORE).sum()), self.layout)
         scale = self.layout.dp / max(1, targets)
-        size = batch.tokens.shape[0] // t.grad_accum
-        micros = [batch.lanes(slice(g * size, (g + 1) * size)) for g in range(t.grad_accum)]
+        micros = batch.split(t.grad_accum)
         on_device = [m.to(self.device) for m in micros]
         inputs = on_device if self.label_shifts is None else [shift.shift(m) for shift, m in zip(self.label_shifts, on_device)]
         nll = torch.zeros((), dtype=torch.float64, device=self.device)
