@@ -80,8 +80,8 @@ def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
-def run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=900, cwd=ROOT)
+def run(cmd: list[str], variables: dict | None = None) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**env(), **(variables or {})}, timeout=900, cwd=ROOT)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-6000:])
 
 
@@ -89,12 +89,12 @@ def torchrun(ranks: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
 
 
-def launch_runs(ranks: int, config: Path, tmp_path: Path, runs: dict[str, list[str]]) -> dict:
+def launch_runs(ranks: int, config: Path, tmp_path: Path, runs: dict[str, list[str]], variables: dict | None = None) -> dict:
     """Train each named run (overrides) in one launch of `ranks` processes."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     plan = [[str(config), str(tmp_path / name), overrides] for name, overrides in runs.items()]
     (tmp_path / "runs.json").write_text(json.dumps(plan))
-    run(torchrun(ranks, str(RUNS), str(tmp_path / "runs.json")))
+    run(torchrun(ranks, str(RUNS), str(tmp_path / "runs.json")), variables)
     for name, overrides in runs.items():
         assert_layout_applied(tmp_path / name, ranks, load_config(config, overrides))
     return {name: read_run(tmp_path / name) for name in runs}
@@ -170,13 +170,16 @@ def test_pipeline_with_data_or_tensor_parallel(config, single, tmp_path):
     assert_same_training(tp_pp["tp2_pp2"], single["staircase"], "tp2 x pp2, activation checkpointing")
 
 
-def test_four_pipeline_stages(config, tmp_path):
+@pytest.mark.parametrize("handles", ["per_operation", "per_batch"])
+def test_four_pipeline_stages(handles, config, tmp_path):
     """Four stages exchange with several peers at once: the last stage sends top rows to every
-    stage (cached schedule), and with fewer micro-batches than stages the wavefront has gaps."""
+    stage (cached schedule), and with fewer micro-batches than stages the wavefront has gaps.
+    batch_isend_irecv returns a handle per operation on gloo and one per batch on NCCL: both."""
     deep = ["model.n_layers=4", *VARIANTS["cached_relative"]]
     Trainer(load_config(config, [*deep, f"run_dir={tmp_path / 'single'}"]), quiet=True).train()
-    got = launch_runs(4, config, tmp_path, {"pp4": [*deep, "parallel.pipeline=4", "train.grad_accum=2"]})
-    assert_same_training(got["pp4"], read_run(tmp_path / "single"), "pp4 cached relative, 2 micro-batches")
+    variables = {"ONE_HANDLE_PER_BATCH": "1"} if handles == "per_batch" else {}
+    got = launch_runs(4, config, tmp_path, {"pp4": [*deep, "parallel.pipeline=4", "train.grad_accum=2"]}, variables)
+    assert_same_training(got["pp4"], read_run(tmp_path / "single"), f"pp4 cached relative, 2 micro-batches, handles {handles}")
 
 
 def free_port() -> str:

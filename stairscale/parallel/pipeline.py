@@ -14,9 +14,8 @@ Each call's graph is cut at its inputs: received activations, top rows and the e
 leaf tensors, so a call's backward is one `torch.autograd.backward` on one stage, and the leaves'
 gradients are what travel back. The order of the actions on each stage, what each action receives
 and sends, and when messages travel (one batch per time slot of the wavefront, posted in the same
-slot order on every stage) come from the pure wavefront module (parallel/wavefront.py), whose tests
-show that every input arrives before it is used and no stage waits forever, even where a send
-waits for its receive (NCCL).
+slot order on every stage, so that no stage waits forever even where a send waits for its
+receive, as on NCCL: docs/parallel.md) come from the pure wavefront module (parallel/wavefront.py).
 """
 
 from __future__ import annotations
@@ -87,8 +86,8 @@ class MicroBatch:
 
 
 class PipelineRunner:
-    """Executes one stage's share of the wavefront: its actions in order, and for each the
-    receives and sends that wavefront.transfers lists."""
+    """Executes one stage's share of the wavefront, slot by slot: its action (taking what it
+    receives from the inbox, leaving what it sends in the outbox), then the slot's exchange."""
 
     def __init__(self, stage: PipelineStage):
         self.stage = stage
@@ -112,7 +111,7 @@ class PipelineRunner:
     def run(self, micro_batches, states, loss_scale: float | None) -> tuple[list[Scores | None], list[RecurrentState]]:
         """Scores (last stage) and new states of the micro-batches; with a loss scale, also backward."""
         layout, training = self.layout, loss_scale is not None
-        self.loss_scale, self.sent, self.inbox, self.outbox = loss_scale, [], {}, {}
+        self.loss_scale, self.posted, self.inbox, self.outbox = loss_scale, [], {}, {}
         self.segment_len, self.dtype = micro_batches[0][0].shape[1], next(self.stage.parameters()).dtype
         self.steps = self.schedule.count(self.segment_len)
         self._join_group(micro_batches[0][0].device)
@@ -127,8 +126,8 @@ class PipelineRunner:
                 self._exchange(slot, micros)
                 if t == forward_end:
                     self._finish_forward(micros)
-        for handle in self.sent:
-            handle.wait()
+        for batch in self.posted:
+            batch.wait()
         assert not self.inbox and not self.outbox, "a message was never used"
         return [m.scores for m in micros], [m.state for m in micros]
 
@@ -245,15 +244,30 @@ class PipelineRunner:
             received.append((transfer, buffer))
         if not ops:
             return
-        handles = dist.batch_isend_irecv(ops)
-        self.sent += handles[: len(slot.sends)]
-        for (transfer, buffer), handle in zip(received, handles[len(slot.sends) :]):
-            self.inbox[transfer] = (buffer, handle)
+        batch = PostedBatch(dist.batch_isend_irecv(ops))
+        self.posted.append(batch)
+        for transfer, buffer in received:
+            self.inbox[transfer] = (buffer, batch)
 
     def _take(self, transfer: wavefront.Transfer) -> Tensor:
-        buffer, handle = self.inbox.pop(transfer)
-        handle.wait()
+        buffer, batch = self.inbox.pop(transfer)
+        batch.wait()
         return buffer
+
+
+class PostedBatch:
+    """The handles of one posted batch: one per operation on gloo, one for the whole batch on NCCL
+    (its operations form one group), so a receive is waited for with its whole batch. Waits once:
+    waiting twice on a gloo handle blocks."""
+
+    def __init__(self, handles: list):
+        self.handles, self.done = handles, False
+
+    def wait(self) -> None:
+        if not self.done:
+            for handle in self.handles:
+                handle.wait()
+            self.done = True
 
 
 def _tag(transfer: wavefront.Transfer) -> int:

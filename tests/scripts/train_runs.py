@@ -9,8 +9,11 @@ the layout was applied and not only that the numbers agree.
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
 
 from stairscale.config import load_config
 from stairscale.parallel.groups import shutdown
@@ -39,7 +42,26 @@ def train_and_record(trainer: Trainer, run_dir: Path) -> None:
     (run_dir / f"rank{trainer.layout.rank}.json").write_text(json.dumps(record))
 
 
+def one_handle_per_batch() -> None:
+    """Make gloo's batch_isend_irecv return what NCCL's does, one handle for the whole batch, so
+    that the pipeline's handling of it runs here (NCCL needs GPUs)."""
+    batch_isend_irecv = dist.batch_isend_irecv
+
+    class WholeBatch:
+        def __init__(self, handles):
+            self.handles = handles
+
+        def wait(self):
+            for handle in self.handles:
+                handle.wait()
+            return True
+
+    dist.batch_isend_irecv = lambda ops: [WholeBatch(batch_isend_irecv(ops))]
+
+
 if __name__ == "__main__":
+    if os.environ.get("ONE_HANDLE_PER_BATCH"):
+        one_handle_per_batch()
     for config, run_dir, overrides in json.load(open(sys.argv[1])):
         train_and_record(Trainer(load_config(config, [*overrides, f"run_dir={run_dir}"]), quiet=True), Path(run_dir))
     shutdown()
