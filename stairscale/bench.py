@@ -29,15 +29,25 @@ def _rate(batches, seconds: float) -> float:
 
 class StepTimer:
     """The trainer's own train step for a config (its loader, optimizer, tallies, compile mode),
-    run outside a training loop to be timed."""
+    run outside a training loop to be timed. A context manager: the trainer's run directory is
+    temporary and removed on exit."""
 
     def __init__(self, cfg: RunConfig, compile: str | None = None):
         train = dataclasses.replace(cfg.train, steps=1 << 30, compile=compile or cfg.train.compile)
-        self.cfg = dataclasses.replace(cfg, train=train, run_dir=tempfile.mkdtemp())
+        self.run_dir = tempfile.TemporaryDirectory(prefix="stairscale-bench-")
+        self.cfg = dataclasses.replace(cfg, train=train, run_dir=self.run_dir.name)
         self.trainer = Trainer(self.cfg, quiet=True)
         self.device = self.trainer.device
         self.tally = Tally.for_dataset(self.trainer.dataset)
         self.batches = self.trainer.batches()
+
+    def __enter__(self) -> StepTimer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.trainer.writer is not None:
+            self.trainer.writer.close()
+        self.run_dir.cleanup()
 
     def step(self) -> None:
         index, batch, states = next(self.batches)
@@ -55,11 +65,16 @@ class StepTimer:
         return (time.perf_counter() - started) / steps
 
 
+def seconds_per_step(cfg: RunConfig, steps: int, warmup: int, compile: str | None = None) -> float:
+    with StepTimer(cfg, compile) as timer:
+        return timer.seconds_per_step(steps, warmup)
+
+
 def bench_data(cfg: RunConfig, seconds: float, steps: int = 20) -> dict:
     root = dataset_dir(cfg)
     split = train_split(cfg.task, 0)
     loader_rate = _rate(iter(make_loader(cfg, root, split, training=True)), seconds)
-    train = cfg.train.lanes * cfg.train.segment_len / StepTimer(cfg).seconds_per_step(steps, warmup=2)
+    train = cfg.train.lanes * cfg.train.segment_len / seconds_per_step(cfg, steps, warmup=2)
     result = {
         "dataset": str(root),
         "split": split,
@@ -84,8 +99,8 @@ def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int) -> list
     predicts over one micro-batch. Run it under a launcher with the config's world size."""
     rows = []
     for count in micro_batches:
-        timer = StepTimer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count)))
-        seconds = timer.seconds_per_step(steps, warmup=2)
+        with StepTimer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count))) as timer:
+            seconds = timer.seconds_per_step(steps, warmup=2)
         runner = getattr(timer.trainer.model, "runner", None)
         calls = runner.schedule.count(cfg.train.segment_len) if runner else 1
         slots = len(schedule(cfg.parallel.pipeline, count, calls).slots) / count  # in units of one micro-batch's action
@@ -116,14 +131,14 @@ def bench_step(cfg: RunConfig, modes: list[str], steps: int, warmup: int) -> lis
     """Milliseconds per train step of the config with each train.compile mode, beside eager
     ("none") measured in the same run. For eager it also counts the operations one step dispatches
     and, on a GPU, the times the host waits for the device."""
-    timer = StepTimer(cfg, compile="none")
-    rows = [{"compile": "none", "ms_per_step": timer.seconds_per_step(steps, warmup) * 1e3}]
-    with _OpCounter() as counter, _SyncCounter(timer.device) as syncs:
-        timer.step()
+    with StepTimer(cfg, compile="none") as timer:
+        rows = [{"compile": "none", "ms_per_step": timer.seconds_per_step(steps, warmup) * 1e3}]
+        with _OpCounter() as counter, _SyncCounter(timer.device) as syncs:
+            timer.step()
     rows[0].update(ops_per_step=counter.ops, host_waits_per_step=syncs.count)
     for mode in [m for m in modes if m != "none"]:
         try:
-            rows.append({"compile": mode, "ms_per_step": StepTimer(cfg, compile=mode).seconds_per_step(steps, warmup) * 1e3})
+            rows.append({"compile": mode, "ms_per_step": seconds_per_step(cfg, steps, warmup, compile=mode) * 1e3})
         except Exception as err:  # a mode that fails is reported, and the other modes still measured
             rows.append({"compile": mode, "error": f"{type(err).__name__}: {err}"})
     base = rows[0]["ms_per_step"]

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("experiment", choices=["tracking"])
     reproduce.add_argument("--quick", action="store_true", help="the 2-CPU-core variant (under 30 minutes)")
     reproduce.add_argument("--out", default="runs/tracking", help="directory for the runs and the table")
-    reproduce.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's steps (slower/faster machines)")
+    reproduce.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's steps, stage boundaries and warm-up (slower/faster machines)")
     reproduce.add_argument("--fit-minutes", type=float, help="measure the models' steps here and scale the runs to this many minutes")
     reproduce.add_argument("--compile", default="none", choices=COMPILE_MODES, help="train.compile of every run")
 
@@ -101,6 +101,7 @@ def score_run(run_dir: str, split: str, overrides: list[str] = ()):
         if assignment.startswith(("model.", "parallel.")):
             raise ConfigError(f"--set {assignment!r}: the model and its layout are the run's; scoring may change task, data and train keys")
     cfg = load_config(Path(run_dir) / "config.yaml", overrides)
+    device = resolve_device(cfg)
     root = dataset_dir(cfg)
     vocab = Dataset(root).vocab
     model = StaircaseLM(cfg.model, len(vocab), vocab.pad_id)  # checkpoints hold single-device weights
@@ -109,7 +110,6 @@ def score_run(run_dir: str, split: str, overrides: list[str] = ()):
         model.load_state_dict(weights)
     except RuntimeError as err:  # shapes or names that differ from the run's config.yaml
         raise CheckpointError(f"checkpoint in {run_dir} does not fit the model its config.yaml and the --set keys build: {err}") from err
-    device = resolve_device(cfg)
     return evaluate(model.to(device), cfg, make_loader(cfg, root, split, training=False), device)
 
 

@@ -97,7 +97,8 @@ FULL = Budget(
 def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: float = 1.0, compile: str = "none") -> dict:
     # fp32 on every device: the recipes were tuned in fp32, and these tiny models are bound by
     # operation count, to which bf16 autocast adds its casts (docs/benchmarks.md).
-    train = dict(lanes=budget.lanes, segment_len=64, lr=2e-3, warmup_steps=200, grad_clip=0.25, lr_schedule="cosine",
+    # --steps-scale scales every step count of the recipe: steps, stage boundaries and warm-up.
+    train = dict(lanes=budget.lanes, segment_len=64, lr=2e-3, warmup_steps=max(1, round(200 * steps_scale)), grad_clip=0.25, lr_schedule="cosine",
                  log_every=100, threads=budget.threads, device=budget.device, precision="fp32", compile=compile)
     if task == "random_walk":
         steps = max(10, round(budget.walk_steps[model] * steps_scale))
@@ -146,13 +147,13 @@ def fit_steps_scale(budget: Budget, out: Path, minutes: float, compile: str = "n
     """Measure each model's train step here and scale every run's steps so that training fits
     `minutes` (20% of it is left for data preparation and evaluation), with `budget.parallel` runs
     at a time, longest first, as run_all starts them."""
-    from stairscale.bench import StepTimer
+    from stairscale.bench import seconds_per_step
     from stairscale.config import RunConfig, from_dict
 
     costs = []
     for model in MODELS:
         cfg = from_dict(RunConfig, run_config("random_walk", model, budget, out / "calibration", compile=compile)).validate()
-        step_seconds = StepTimer(cfg).seconds_per_step(steps=20, warmup=10)
+        step_seconds = seconds_per_step(cfg, steps=20, warmup=10)
         costs += [budget.walk_steps[model] * step_seconds, budget.algo_steps * step_seconds]  # algorithmic steps cost about the same
         print(f"  calibration: {model} {step_seconds * 1e3:.1f} ms/step", flush=True)
     scale = 0.8 * minutes * 60 / _makespan(costs, budget.parallel)

@@ -23,3 +23,10 @@ def test_every_planned_run_is_a_valid_fp32_config_with_its_compile_mode(tmp_path
                     assert len(cfg.task.train_length_steps) == len(budget.walk_lengths)
                     assert cfg.task.train_length_steps[0] == 0
                     assert cfg.train.carried_offset_stages == budget.walk_carried_offset_stages
+
+
+def test_steps_scale_scales_steps_stage_boundaries_and_warm_up(tmp_path):
+    full, scaled = (run_config("random_walk", "transformer_xl", QUICK, Path(tmp_path), steps_scale=s) for s in (1.0, 0.1))
+    assert scaled["train"]["steps"] == round(full["train"]["steps"] * 0.1)
+    assert scaled["task"]["train_length_steps"][1] == round(full["task"]["train_length_steps"][1] * 0.1)
+    assert (full["train"]["warmup_steps"], scaled["train"]["warmup_steps"]) == (200, 20)

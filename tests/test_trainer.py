@@ -1,8 +1,11 @@
 """End to end: real runs of the trainer and the command line on tiny configs."""
 
+import argparse
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,7 +120,12 @@ def test_compile_is_refused_where_it_is_untested(tmp_path, tiny):
 
 def test_step_benchmark_counts_what_an_eager_step_dispatches(tmp_path, tiny, capsys):
     cfg = tiny(tmp_path, "task.train_lengths=[16]", "task.train_length_steps=[0]")
+    def run_dirs():
+        return set(Path(tempfile.gettempdir()).glob("*/layout.json"))
+
+    before = run_dirs()
     rows = bench_step(cfg, ["none", "no-such-mode"], steps=2, warmup=1)
+    assert run_dirs() == before  # the timers' temporary run directories are removed
     assert [row["compile"] for row in rows] == ["none", "no-such-mode"]
     assert rows[0]["ms_per_step"] > 0 and rows[0]["ops_per_step"] > 100
     assert rows[0]["host_waits_per_step"] is None  # counted on a GPU only
@@ -142,9 +150,17 @@ def test_cli_train_then_eval_agree(tmp_path, cache):
     # Bad input: a clear message naming the key or the file, no traceback.
     changed = subprocess.run(cmd + ["eval", "--run", str(run), "--set", "model.d_model=32"], capture_output=True, text=True)
     assert changed.returncode == 2 and "model.d_model" in changed.stderr and "Traceback" not in changed.stderr
+    if not torch.cuda.is_available():  # a GPU asked for where there is none: the key, before any work
+        gpu = subprocess.run(cmd + ["eval", "--run", str(run), "--set", "train.device=cuda"], capture_output=True, text=True)
+        assert gpu.returncode == 2 and "train.device" in gpu.stderr and "Traceback" not in gpu.stderr
     checkpoint = run / "checkpoint.pt"
-    for damage, problem in ((lambda: checkpoint.write_bytes(checkpoint.read_bytes()[:1000]), "cannot be read"),
-                            (checkpoint.unlink, "no checkpoint")):
+    damages = (
+        (lambda: checkpoint.write_bytes(checkpoint.read_bytes()[:1000]), "cannot be read"),
+        (lambda: torch.save({"state_dict": {}}, checkpoint), "no 'model' entry"),
+        (lambda: torch.save({"model": {}, "code": argparse.Namespace()}, checkpoint), "cannot be read"),  # no pickled objects
+        (checkpoint.unlink, "no checkpoint"),
+    )
+    for damage, problem in damages:
         damage()
         failed = subprocess.run(cmd + ["eval", "--run", str(run)], capture_output=True, text=True)
         assert failed.returncode == 1 and problem in failed.stderr and str(checkpoint) in failed.stderr
@@ -154,6 +170,30 @@ def test_cli_train_then_eval_agree(tmp_path, cache):
 def test_cli_config_error_names_the_key(tmp_path):
     out = subprocess.run([sys.executable, "-m", "stairscale.cli", "train", "--set", "model.window=0"], capture_output=True, text=True)
     assert out.returncode == 2 and "model.window" in out.stderr
+    if not torch.cuda.is_available():
+        args = ["--set", "train.device=cuda", "--set", f"data.cache={tmp_path / 'data'}", "--set", f"run_dir={tmp_path / 'run'}"]
+        out = subprocess.run([sys.executable, "-m", "stairscale.cli", "train", *args], capture_output=True, text=True)
+        assert out.returncode == 2 and "train.device" in out.stderr and "Traceback" not in out.stderr
+        assert not (tmp_path / "data").exists()  # refused before any data was prepared
+
+
+def test_every_training_step_is_in_one_logged_window(tmp_path, tiny):
+    """An evaluation between two log lines restarts the speed clock, not the scores' window."""
+    trainer = Trainer(tiny(tmp_path, "train.steps=14", "train.log_every=7", "train.eval_every=10"), quiet=True)
+    added_to, logged = [], []
+    train_step, log_progress = trainer.train_step, trainer._log_progress
+
+    def observed_step(batch, states, lr, tally):
+        added_to.append(tally)
+        return train_step(batch, states, lr, tally)
+
+    def observed_log(progress, *args):
+        logged.append(progress.window)
+        return log_progress(progress, *args)
+
+    trainer.train_step, trainer._log_progress = observed_step, observed_log
+    trainer.train()
+    assert [sum(tally is window for tally in added_to) for window in logged] == [7, 7]
 
 
 def test_learning_rate_warms_up_decays_and_restarts_per_stage():

@@ -22,7 +22,7 @@ from stairscale.data.loader import LaneLoader, LoaderSpec, check_a_shard_per_lan
 from stairscale.data.prepare import build_task, dataset_dir, train_split
 from stairscale.data.shards import Dataset
 from stairscale.data.tasks import IGNORE
-from stairscale.errors import DataError
+from stairscale.errors import ConfigError, DataError
 from stairscale.model.lm import StaircaseLM
 from stairscale.model.provider import Scores
 from stairscale.parallel import collectives
@@ -37,7 +37,10 @@ from stairscale.train.optimizer import build_optimizer
 def resolve_device(cfg: RunConfig) -> torch.device:
     if cfg.train.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
+    device = torch.device(cfg.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {cfg.train.device!r}, but torch sees no CUDA device here (use auto or cpu)")
+    return device
 
 
 def autocast(cfg: RunConfig, device: torch.device):
@@ -82,7 +85,7 @@ def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, la
     tally = Tally.for_dataset(loader.dataset)
     lanes = len(loader.local_lanes)
     # Pipeline stages split their lanes into micro-batches, as in training, so that they overlap.
-    parts = math.gcd(lanes, cfg.train.grad_accum) if layout.pp > 1 else 1
+    parts = cfg.train.grad_accum if layout.pp > 1 else 1
     states = [model.initial_state(lanes // parts, device) for _ in range(parts)]
     for batch in loader:
         micros = batch.split(parts)
@@ -110,6 +113,10 @@ class Progress:
 
     def restart_window(self) -> None:
         self.window = Tally.for_dataset(self.dataset)
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Speed counts training only: restarted after an evaluation, keeping the steps' scores."""
         self.window_start = time.perf_counter()
         self.tokens = 0
 
@@ -177,7 +184,7 @@ class Trainer:
                 self._log_progress(progress, done, lr, self.history[-1]["grad_norm"])
             if t.eval_every and done % t.eval_every == 0 and done < t.steps:
                 self._evaluate("valid", done)
-                progress.restart_window()  # evaluation time is not training speed
+                progress.restart_clock()
         return self._finish(time.perf_counter() - progress.started)
 
     def batches(self):
