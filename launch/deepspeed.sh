@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Train with the deepspeed launcher: NUM_GPUS processes per node (also on CPU, where DeepSpeed
-# would otherwise start one), on the hosts of HOSTFILE if given.
+# Train with the deepspeed launcher. On the hosts of HOSTFILE, as many processes per host as its
+# slots (or NUM_GPUS per host if set); without a hostfile, NUM_GPUS processes here (default 2,
+# also on CPU, where DeepSpeed would otherwise start one).
 #   NUM_GPUS=2 launch/deepspeed.sh --config configs/parallel_dp2_zero3.yaml
+#   HOSTFILE=hosts launch/deepspeed.sh --config configs/parallel_tp2_pp2.yaml
 set -euo pipefail
 BIN=${BIN:-$(dirname "$0")/../.venv/bin}
-HOSTS=()
-if [[ -n "${HOSTFILE:-}" ]]; then HOSTS=(--hostfile "$HOSTFILE"); fi
-exec "$BIN/deepspeed" "${HOSTS[@]}" --num_gpus "${NUM_GPUS:-2}" --master_port "${MASTER_PORT:-29500}" \
+ARGS=()
+if [[ -n "${HOSTFILE:-}" ]]; then ARGS=(--hostfile "$HOSTFILE"); fi
+if [[ -n "${NUM_GPUS:-}" || -z "${HOSTFILE:-}" ]]; then ARGS+=(--num_gpus "${NUM_GPUS:-2}"); fi
+exec "$BIN/deepspeed" "${ARGS[@]}" --master_port "${MASTER_PORT:-29500}" \
     --no_local_rank --module stairscale.cli train "$@"

@@ -5,7 +5,8 @@
 #      run (a few minutes);
 #   2. the full `reproduce tracking`, fitted to MINUTES, with the fastest mode of step 1.
 # Usage: launch/gpu_check.sh [MINUTES] [OUT]   (default 6 minutes, $OUT or runs/gpu_check)
-# Needs the package importable (pip install -e ., or PYTHONPATH=.) and a CUDA device.
+# Needs a CUDA device and the package importable with the machine's own torch: PYTHONPATH=. plus
+# webdataset and tensorboard (`pip install -e .` would pull setup.cfg's pinned torch instead).
 set -euo pipefail
 minutes=${1:-6}
 out=${2:-${OUT:-runs/gpu_check}}

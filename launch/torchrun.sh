@@ -5,8 +5,8 @@
 # The layout (parallel.tensor, parallel.pipeline, parallel.zero_stage) comes from the config;
 # the data-parallel size is what is left of the world size.
 set -euo pipefail
-PYTHON=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
-exec "$PYTHON" -m torch.distributed.run \
+BIN=${BIN:-$(dirname "$0")/../.venv/bin}
+exec "$BIN/python" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="${NPROC_PER_NODE:-2}" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
     -m stairscale.cli train "$@"

@@ -154,6 +154,54 @@ def test_every_token_gets_one_loss_term_from_its_final_pass():
     assert (logprobs - reference_staircase(model, tokens)).abs().max() < TOL
 
 
+def reference_layer(layer, cfg, table, x, context, positions):
+    """One pre-norm layer as STAIRCASE.md writes it, one (query, key) pair at a time: x [T, d] are
+    the query rows, context [C, d] earlier layer inputs, positions [C + T] those of both. Score
+    (q.k + q.p[attn_lim - 1 - d]) / sqrt(head_dim) for 0 <= d < attn_lim; RoPE with base 10000 on
+    the two halves of each head; one LayerNorm for queries and keys/values."""
+    heads, head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+    normed = layer.norm1(torch.cat([context, x]))
+    q, k, v = (proj(rows).view(len(rows), heads, head_dim) for proj, rows in
+               ((layer.attn.q, normed[len(context):]), (layer.attn.k, normed), (layer.attn.v, normed)))
+    query_positions = positions[len(context):]
+    if cfg.positions == "rope":
+        def rotate(t, pos):
+            half = head_dim // 2
+            angle = pos.double()[:, None, None] * 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+            a, b = t[..., :half], t[..., half:]
+            return torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()], dim=-1)
+        q, k = rotate(q, query_positions), rotate(k, positions)
+    scores = torch.full((heads, len(x), len(positions)), float("-inf"), dtype=x.dtype)
+    for i, query_pos in enumerate(query_positions.tolist()):
+        for j, key_pos in enumerate(positions.tolist()):
+            d = query_pos - key_pos
+            if 0 <= d < cfg.attn_lim:
+                score = (q[i] * k[j]).sum(-1)
+                if cfg.positions == "relative":
+                    score = score + (q[i] * table[:, cfg.attn_lim - 1 - d]).sum(-1)
+                scores[:, i, j] = score / head_dim**0.5
+    attended = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(len(x), -1)
+    h = x + layer.attn.o(attended)
+    return h + layer.ffn.fc2(torch.relu(layer.ffn.fc1(layer.norm2(h))))
+
+
+@pytest.mark.parametrize("positions", ["relative", "rope"])
+def test_core_matches_the_layer_formula_of_the_spec(positions):
+    """The other tests compare schedules built on the same Core; this one checks Core itself
+    against the spec's formula, with carried context rows at a large position offset."""
+    model = make_model(positions, attn_lim=6)
+    cfg, core = model.cfg, model.core
+    gen = torch.Generator().manual_seed(3)
+    queries, context = torch.randn(5, 16, generator=gen, dtype=torch.float64), torch.randn(2, 4, 16, generator=gen, dtype=torch.float64)
+    positions_all = torch.arange(1000, 1009)
+    carried = Rows(context[:, None], positions_all[:4], torch.ones(1, 4, dtype=torch.long))
+    out, _ = core(queries[None], positions_all[4:], torch.ones(1, 5, dtype=torch.long), carried)
+    expected = queries
+    for n in range(cfg.n_layers):
+        expected = reference_layer(core.layers[str(n)], cfg, core.relative, expected, context[n], positions_all)
+    assert (out[0] - expected).abs().max() < TOL
+
+
 @pytest.mark.parametrize("name", sorted(STATEFUL))
 @pytest.mark.parametrize("length", [4, 8, 20])
 def test_schedules_know_each_calls_rows_in_advance(name, length):

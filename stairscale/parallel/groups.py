@@ -84,10 +84,21 @@ def launch_environment() -> tuple[str, int, int]:
 
 
 def _rendezvous_address() -> tuple[str, int]:
-    host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+    host = os.environ.get("MASTER_ADDR") or _routable_address()
     with socket.socket() as s:
         s.bind(("", 0))
         return host, s.getsockname()[1]
+
+
+def _routable_address() -> str:
+    """This host's address as other nodes see it: the source address of a route out (a UDP
+    connect sends nothing). The host name often resolves to loopback (127.0.1.1 on Debian)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:  # no route at all: a single machine
+        return socket.gethostbyname(socket.gethostname())
 
 
 def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
