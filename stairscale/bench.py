@@ -65,7 +65,8 @@ class StepTimer:
         return (time.perf_counter() - started) / steps
 
 
-def seconds_per_step(cfg: RunConfig, steps: int, warmup: int, compile: str | None = None) -> float:
+def measure_step(cfg: RunConfig, steps: int, warmup: int, compile: str | None = None) -> float:
+    """Seconds per train step of the config, in a StepTimer of its own."""
     with StepTimer(cfg, compile) as timer:
         return timer.seconds_per_step(steps, warmup)
 
@@ -74,7 +75,7 @@ def bench_data(cfg: RunConfig, seconds: float, steps: int = 20) -> dict:
     root = dataset_dir(cfg)
     split = train_split(cfg.task, 0)
     loader_rate = _rate(iter(make_loader(cfg, root, split, training=True)), seconds)
-    train = cfg.train.lanes * cfg.train.segment_len / seconds_per_step(cfg, steps, warmup=2)
+    train = cfg.train.lanes * cfg.train.segment_len / measure_step(cfg, steps, warmup=2)
     result = {
         "dataset": str(root),
         "split": split,
@@ -138,7 +139,7 @@ def bench_step(cfg: RunConfig, modes: list[str], steps: int, warmup: int) -> lis
     rows[0].update(ops_per_step=counter.ops, host_waits_per_step=syncs.count)
     for mode in [m for m in modes if m != "none"]:
         try:
-            rows.append({"compile": mode, "ms_per_step": seconds_per_step(cfg, steps, warmup, compile=mode) * 1e3})
+            rows.append({"compile": mode, "ms_per_step": measure_step(cfg, steps, warmup, compile=mode) * 1e3})
         except Exception as err:  # a mode that fails is reported, and the other modes still measured
             rows.append({"compile": mode, "error": f"{type(err).__name__}: {err}"})
     base = rows[0]["ms_per_step"]

@@ -147,13 +147,13 @@ def fit_steps_scale(budget: Budget, out: Path, minutes: float, compile: str = "n
     """Measure each model's train step here and scale every run's steps so that training fits
     `minutes` (20% of it is left for data preparation and evaluation), with `budget.parallel` runs
     at a time, longest first, as run_all starts them."""
-    from stairscale.bench import seconds_per_step
+    from stairscale.bench import measure_step
     from stairscale.config import RunConfig, from_dict
 
     costs = []
     for model in MODELS:
         cfg = from_dict(RunConfig, run_config("random_walk", model, budget, out / "calibration", compile=compile)).validate()
-        step_seconds = seconds_per_step(cfg, steps=20, warmup=10)
+        step_seconds = measure_step(cfg, steps=20, warmup=10)
         costs += [budget.walk_steps[model] * step_seconds, budget.algo_steps * step_seconds]  # algorithmic steps cost about the same
         print(f"  calibration: {model} {step_seconds * 1e3:.1f} ms/step", flush=True)
     scale = 0.8 * minutes * 60 / _makespan(costs, budget.parallel)

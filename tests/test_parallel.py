@@ -180,6 +180,9 @@ def test_four_pipeline_stages(handles, config, tmp_path):
     variables = {"ONE_HANDLE_PER_BATCH": "1"} if handles == "per_batch" else {}
     got = launch_runs(4, config, tmp_path, {"pp4": [*deep, "parallel.pipeline=4", "train.grad_accum=2"]}, variables)
     assert_same_training(got["pp4"], read_run(tmp_path / "single"), f"pp4 cached relative, 2 micro-batches, handles {handles}")
+    # Evaluation runs the same wavefront, forward only: the test score equals one process's.
+    test_loss = [json.loads((tmp_path / name / "results.json").read_text())["test"]["loss"] for name in ("pp4", "single")]
+    assert test_loss[0] == pytest.approx(test_loss[1], rel=TOL)
 
 
 def free_port() -> str:
@@ -200,7 +203,7 @@ LAUNCHES = {  # launcher: (layout overrides, how the run is started)
 def test_launchers_run_a_layout_from_the_config_and_record_it(launcher, config, single, tmp_path):
     overrides, script = LAUNCHES[launcher]
     args = ["--config", str(config), "--set", f"run_dir={tmp_path / 'run'}", *[f"--set={o}" for o in overrides]]
-    variables = {**env(), "PYTHON": sys.executable, "BIN": str(Path(sys.executable).parent), "MASTER_PORT": free_port()}
+    variables = {**env(), "BIN": str(Path(sys.executable).parent), "MASTER_PORT": free_port()}
     if launcher == "srun":  # no SLURM here: start the two tasks as srun would, with its variables
         tasks = [subprocess.Popen([sys.executable, "-m", "stairscale.cli", "train", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                                   env={**variables, "SLURM_PROCID": str(i), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(i),

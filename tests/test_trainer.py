@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stairscale.bench import bench_step
 from stairscale.config import load_config
-from stairscale.errors import ConfigError, DataError
+from stairscale.errors import CheckpointError, ConfigError, DataError
+from stairscale.train.checkpoint import load_checkpoint, save_checkpoint
 from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_loader
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
@@ -258,3 +259,12 @@ def test_tally_counts_errors_by_position_across_batches_of_growing_positions():
     assert tally.count_at.tolist() == expected_count[:size].tolist()
     assert tally.errors_at.tolist() == expected_errors[:size].tolist()
     assert tally.summary()["error"] == pytest.approx(100 * expected_errors.sum().item() / expected_count.sum().item())
+
+
+def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_last_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, {"model": {"w": torch.ones(4)}})
+    (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")  # every write fails: a full disk
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'checkpoint.pt'} could not be written"):
+        save_checkpoint(tmp_path, {"model": {"w": torch.zeros(100_000)}})
+    assert not (tmp_path / "checkpoint.pt.tmp").is_symlink()
+    assert torch.equal(load_checkpoint(tmp_path)["model"]["w"], torch.ones(4))

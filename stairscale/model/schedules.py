@@ -63,8 +63,12 @@ class StaircaseSchedule:
 
     def rows(self, step: int, segment_len: int) -> int:
         """Query rows of core call `step`: the chunks of its window."""
-        last_chunk = segment_len // self.chunk - 1
-        return (min(step, last_chunk) - max(0, step - self.window + 1) + 1) * self.chunk
+        oldest, newest = self._window(step, segment_len // self.chunk)
+        return (newest - oldest + 1) * self.chunk
+
+    def _window(self, step: int, chunks: int) -> tuple[int, int]:
+        """The oldest and the newest chunk of step `step`'s window."""
+        return max(0, step - self.window + 1), min(step, chunks - 1)
 
     def steps(self, x: Tensor, pos: Tensor, doc: Tensor, carried: dict[str, Rows]) -> Steps:
         F, n = self.chunk, self.window
@@ -73,7 +77,7 @@ class StaircaseSchedule:
         finals, carry_out = [], {}
         previous_top = None
         for s in range(K + n - 1):
-            oldest, newest = max(0, s - n + 1), min(s, K - 1)
+            oldest, newest = self._window(s, K)
             queries = []
             if previous_top is not None:
                 # Drop the chunk that became final at step s-1.

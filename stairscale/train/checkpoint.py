@@ -13,6 +13,7 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
+    """Write the payload; if that fails, the earlier checkpoint (if any) stays as it was."""
     path = Path(run_dir) / CHECKPOINT
     tmp = path.with_suffix(".pt.tmp")
     try:
@@ -20,7 +21,7 @@ def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:  # a full disk, say: the earlier checkpoint (if any) stays as it was
+    except (OSError, RuntimeError) as err:  # a full disk, say (torch.save raises RuntimeError)
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"checkpoint {path} could not be written: {err}") from err
     return path
