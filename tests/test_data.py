@@ -6,8 +6,10 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +338,19 @@ def test_prepare_data_never_replaces_a_directory_that_is_not_a_dataset(tmp_path)
     second = prepare_dataset(cfg, tmp_path / "walks")  # an earlier dataset is replaced
     assert json.loads((tmp_path / "walks" / MANIFEST).read_text()) == second != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "walks"]
+
+
+def test_prepare_data_stopped_by_sigterm_leaves_nothing_behind(tmp_path):
+    """A scheduler's stop (SIGTERM) while shards are written removes the temporary directory."""
+    command = [sys.executable, "-m", "stairscale.cli", "prepare-data", "--set", "task.train_docs=50000", "--out", str(tmp_path / "walks")]
+    writer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".walks.writing-*")):
+        assert writer.poll() is None and time.monotonic() < deadline, "prepare-data ended before it wrote shards"
+        time.sleep(0.01)
+    writer.send_signal(signal.SIGTERM)
+    assert writer.wait(timeout=60) == 128 + signal.SIGTERM, writer.stderr.read()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_changed_text_corpus_is_another_dataset(tmp_path):

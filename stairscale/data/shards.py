@@ -12,11 +12,14 @@ A dataset directory is written whole or not at all (temporary directory, then a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -46,7 +49,8 @@ def write_dataset(
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # as mkdir would make it (mkdtemp makes it private)
     try:
-        manifest = _write_splits(tmp, vocab, labelled, splits, shard_docs, shards, source, files)
+        with _terminate_unwinds():
+            manifest = _write_splits(tmp, vocab, labelled, splits, shard_docs, shards, source, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -58,6 +62,24 @@ def write_dataset(
     else:
         os.replace(tmp, out_dir)
     return manifest
+
+
+@contextlib.contextmanager
+def _terminate_unwinds():
+    """While shards are written, SIGTERM (`kill`, a scheduler's stop) unwinds like Ctrl-C, so the
+    temporary directory is removed; the exit status stays 128 + SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+
+    def unwind(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_replaceable(out_dir: Path) -> None:
