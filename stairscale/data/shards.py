@@ -78,8 +78,8 @@ def _terminate_unwinds():
     previous = signal.signal(signal.SIGTERM, unwind)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # (None: a handler set outside Python, which cannot be put back; the default then)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def check_replaceable(out_dir: Path) -> None:
