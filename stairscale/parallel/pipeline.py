@@ -120,9 +120,8 @@ class PipelineRunner:
             slots, forward_end = _plan(layout.pp, len(micros), self.steps, training, layout.pp_rank, self.cached)
             for t, slot in enumerate(slots):
                 if slot.action is not None:
-                    recvs, sends = wavefront.transfers(slot.action, layout.pp, self.steps, self.cached)
                     run_action = self._forward if slot.action.phase == "F" else self._backward
-                    run_action(micros[slot.action.micro], slot.action.step, recvs, sends)
+                    run_action(micros[slot.action.micro], slot.action.step, slot.needs, slot.sends)
                 self._exchange(slot, micros)
                 if t == forward_end:
                     self._finish_forward(micros)
@@ -185,7 +184,7 @@ class PipelineRunner:
 
     # -- actions ----------------------------------------------------------------------------------
 
-    def _forward(self, micro: MicroBatch, step: int, recvs: list, sends: list) -> None:
+    def _forward(self, micro: MicroBatch, step: int, recvs: tuple, sends: tuple) -> None:
         """Receives, in the order of `recvs`: the previous call's top rows, then the input rows."""
         top = [self._take(t) for t in recvs if t.kind == wavefront.TOP]
         if step > 0:
@@ -203,7 +202,7 @@ class PipelineRunner:
         if self.layout.last_stage and step == self.steps - 1:
             self._advance(micro, step)
 
-    def _backward(self, micro: MicroBatch, step: int, recvs: list, sends: list) -> None:
+    def _backward(self, micro: MicroBatch, step: int, recvs: tuple, sends: tuple) -> None:
         grads = [self._take(t) for t in recvs]
         out = micro.outputs.pop(step)
         if self.layout.last_stage:

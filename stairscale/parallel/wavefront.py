@@ -168,10 +168,12 @@ def closing_transfers(stage: int, stages: int, micro_batches: int, steps: int, c
 
 @dataclass(frozen=True)
 class Slot:
-    """One time slot of one stage: its action (None when idle), then one exchange that sends what
-    the action produced and receives what the other stages produced for this stage in this slot."""
+    """One time slot of one stage: its action (None when idle), which takes `needs` (received in
+    earlier slots), then one exchange that sends what the action produced and receives what the
+    other stages produced for this stage in this slot."""
 
     action: Action | None
+    needs: tuple[Transfer, ...]
     sends: tuple[Transfer, ...]
     recvs: tuple[Transfer, ...]
 
@@ -182,10 +184,12 @@ def stage_slots(plan: Schedule, stage: int, cached: bool) -> list[Slot]:
     cannot deadlock even when a send waits for its receive (NCCL)."""
     slots = []
     for slot in plan.slots:
-        produced = [t for action in slot if action is not None for t in transfers(action, plan.stages, plan.steps, cached)[1]]
+        moves = {action: transfers(action, plan.stages, plan.steps, cached) for action in slot if action is not None}
+        needs = moves[slot[stage]][0] if slot[stage] is not None else []
+        produced = [t for _, sends in moves.values() for t in sends]
         sends = tuple(t for t in produced if t.src == stage)
         recvs = tuple(t for t in produced if t.dst == stage)
-        slots.append(Slot(slot[stage], sends, recvs))
+        slots.append(Slot(slot[stage], tuple(needs), sends, recvs))
     return slots
 
 
