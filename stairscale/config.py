@@ -6,6 +6,8 @@ Every mistake is reported with the dotted name of the key at fault, before any t
 from __future__ import annotations
 
 import dataclasses
+import math
+import sysconfig
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,7 +100,7 @@ class TaskConfig:
     positions: int = 8  # random walk: ring size P
     variables: int = 3  # algorithmic: 3 or 5
     path: str = ""  # text: file or directory; "" = the Python standard library source
-    format: str = "auto"  # text: auto | files | enwik8
+    format: str = "auto"  # text: auto | files | bytes | enwik8
     # Random walk document lengths: a curriculum of (lengths, from step). train_lengths[i] is used
     # from step train_length_steps[i] on.
     train_lengths: list[int] = field(default_factory=lambda: [64])
@@ -127,7 +129,8 @@ class TaskConfig:
         steps = self.train_length_steps
         need(len(self.train_lengths) == len(steps) and self.train_lengths, "train_length_steps", "needs one start step per entry of task.train_lengths")
         need(steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:])), "train_length_steps", "must start at 0 and increase")
-        need(min(self.train_lengths) >= 2 and self.eval_length >= 2, "train_lengths", "documents need at least 2 tokens (start token + one move)")
+        need(min(self.train_lengths) >= 2, "train_lengths", "documents need at least 2 tokens (start token + one move)")
+        need(self.eval_length >= 2, "eval_length", "documents need at least 2 tokens (start token + one move)")
         need(self.tokenizer in ("bytes", "bpe"), "tokenizer", f"{self.tokenizer!r} is not bytes or bpe")
         need(self.tokenizer != "bpe" or self.name == "text", "tokenizer", "bpe is for the text task only")
         need(self.bpe_vocab >= 300, "bpe_vocab", f"{self.bpe_vocab} is too small (the byte alphabet alone is 256)")
@@ -188,7 +191,7 @@ class TrainConfig:
         for key in ("lanes", "segment_len", "grad_accum", "steps"):
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         need(self.lanes % self.grad_accum == 0, "grad_accum", f"{self.grad_accum} does not divide lanes={self.lanes}")
-        need(self.lr > 0, "lr", "must be > 0")
+        need(0 < self.lr < math.inf, "lr", f"must be a finite number > 0, got {self.lr}")
         need(self.lr_schedule in ("cosine", "constant"), "lr_schedule", f"{self.lr_schedule!r} is not cosine or constant")
         need(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", f"{self.precision!r} is not auto, fp32 or bf16")
@@ -248,8 +251,8 @@ class RunConfig:
         self.train.validate()
         self.model.validate(self.train.segment_len)
         self.parallel.validate(self.model)
-        if self.task.name == "text" and self.task.path and not self.data.dir and not Path(self.task.path).expanduser().exists():
-            raise ConfigError(f"task.path: {self.task.path!r} does not exist")
+        if self.task.name == "text" and not self.data.dir:
+            self._check_text_source()
         if self.task.stages > 1 and self.task.train_length_steps[-1] >= self.train.steps:
             raise ConfigError(f"task.train_length_steps: stage {self.task.stages - 1} starts at step "
                               f"{self.task.train_length_steps[-1]}, not before the run's end at train.steps={self.train.steps}")
@@ -261,6 +264,13 @@ class RunConfig:
             if not 0 <= stage < self.task.stages:
                 raise ConfigError(f"train.carried_offset_stages: stage {stage} is not one of the {self.task.stages} curriculum stages (0-based)")
         return self
+
+    def _check_text_source(self) -> None:
+        path = Path(self.task.path).expanduser() if self.task.path else Path(sysconfig.get_paths()["stdlib"])
+        if not path.exists():
+            raise ConfigError(f"task.path: {self.task.path!r} does not exist")
+        if self.task.format in ("bytes", "enwik8") and not path.is_file():
+            raise ConfigError(f"task.format: {self.task.format} reads one file, but task.path {str(path)!r} is a directory (use files or auto)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -332,6 +342,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ConfigError(f"config file {path}: {err.strerror}") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections (task, model, train, ...), got {type(data).__name__}")
     for assignment in overrides:
         apply_override(data, assignment)
     return from_dict(RunConfig, data).validate()

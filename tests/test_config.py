@@ -48,6 +48,10 @@ def test_overrides_are_typed():
         (["task.positions=1"], "task.positions"),
         (["task.name=text", "task.format=xml"], "task.format"),
         (["task.name=text", "task.path=/no/such/corpus"], "task.path"),
+        (["task.name=text", "task.format=bytes"], "task.format"),  # one file, but the default corpus is a directory
+        (["task.name=text", "task.format=enwik8"], "task.format"),
+        (["task.eval_length=1"], "task.eval_length"),
+        (["train.lr=.inf"], "train.lr"),
         (["task.seed=-1"], "task.seed"),
         (["train.seed=-1"], "train.seed"),
         (["train.log_every=0"], "train.log_every"),
@@ -79,6 +83,9 @@ def test_bad_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2")
     assert str(bad) in error_for(path=bad)
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("[1, 2]")
+    assert str(listed) in error_for(path=listed) and str(listed) in error_for("train.steps=1", path=listed)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("model:\n  d_model: 64\n  layers: 2\n")
     assert error_for(path=wrong).startswith("model.layers")

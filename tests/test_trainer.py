@@ -176,6 +176,10 @@ def test_cli_config_error_names_the_key(tmp_path):
         out = subprocess.run([sys.executable, "-m", "stairscale.cli", "train", *args], capture_output=True, text=True)
         assert out.returncode == 2 and "train.device" in out.stderr and "Traceback" not in out.stderr
         assert not (tmp_path / "data").exists()  # refused before any data was prepared
+        args[1] = "parallel.backend=nccl"
+        out = subprocess.run([sys.executable, "-m", "stairscale.cli", "train", *args], capture_output=True, text=True)
+        assert out.returncode == 2 and "parallel.backend" in out.stderr and "Traceback" not in out.stderr
+        assert not (tmp_path / "data").exists()
 
 
 def test_every_training_step_is_in_one_logged_window(tmp_path, tiny):

@@ -36,10 +36,13 @@ from stairscale.train.optimizer import build_optimizer
 
 def resolve_device(cfg: RunConfig) -> torch.device:
     if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(cfg.train.device)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.train.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {cfg.train.device!r}, but torch sees no CUDA device here (use auto or cpu)")
+    if cfg.parallel.backend == "nccl" and device.type != "cuda":
+        raise ConfigError(f"parallel.backend: nccl runs on CUDA devices, but train.device {cfg.train.device!r} is the CPU here (use auto or gloo)")
     return device
 
 
