@@ -109,12 +109,20 @@ def assert_layout_applied(run_dir: Path, ranks: int, cfg) -> None:
     records = [json.loads((run_dir / f"rank{rank}.json").read_text()) for rank in range(ranks)]
     for record in records:
         assert record["layout"]["dp"] == dp and record["lanes_per_batch"] == [cfg.train.lanes // dp], record["lanes_per_batch"]
-        assert record["zero_stage"] == p.zero_stage
+        model, params, master = record["model_numel"], record["held_param_numel"], record["held_master_numel"]
+        assert_holds_share(params, model, dp if p.zero_stage == 3 else 1, "parameters")
+        if master is not None:  # under DeepSpeed: ZeRO 1-3 partition the fp32 master weights and optimizer state
+            assert_holds_share(master, model, dp if p.zero_stage >= 1 else 1, "master weights")
         q = [shape for name, shape in record["shapes"].items() if name.endswith("attn.q.weight")]
         assert q and all(shape[0] == cfg.model.d_model // p.tensor for shape in q), q
     if p.pipeline > 1:
         layers = [{name.split(".")[2] for name in r["shapes"] if name.startswith("core.layers.")} for r in records]
         assert all(len(held) == cfg.model.n_layers // p.pipeline for held in layers), layers
+
+
+def assert_holds_share(held: int, model: int, parts: int, what: str) -> None:
+    """A rank holds 1/parts of the model's elements (DeepSpeed pads each partition a little)."""
+    assert model / parts <= held <= model / parts + 1024, f"holds {held} of {model} elements of the {what}, expected 1/{parts}"
 
 
 def assert_same_training(got, want, label: str) -> None:

@@ -3,7 +3,8 @@
 Usage: torchrun --nproc_per_node=N train_runs.py RUNS.json, where RUNS.json is a list of
 [config file, run_dir, [key=value, ...]]. Each run is `stairscale train` in-process. Each rank
 also writes what it held and read to run_dir/rank<N>.json (its layout, the lanes of every batch
-it trained on, its ZeRO stage, the shapes of its parameters), so that the tests can check that
+it trained on, the shapes of its parameters, how many parameter and master-weight elements it
+stored), so that the tests can check that
 the layout was applied and not only that the numbers agree.
 """
 
@@ -31,15 +32,28 @@ def train_and_record(trainer: Trainer, run_dir: Path) -> None:
     trainer.train_step = observed_step
     trainer.train()
     engine = getattr(trainer.optimizer, "engine", None)
+    params = list(trainer.model.parameters())
     record = {
         "layout": dataclasses.asdict(trainer.layout),
         "lanes_per_batch": sorted(lanes),
-        "zero_stage": engine.zero_optimization_stage() if engine else 0,
         # ZeRO-3 partitions a parameter; ds_shape is its shape before that (after tensor sharding)
         "shapes": {name: list(getattr(p, "ds_shape", p.shape)) for name, p in trainer.model.named_parameters()},
+        "model_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+        # What this rank stores: its partition of the parameters (ZeRO-3) and of the fp32 master
+        # weights, whose partition is the partition of the optimizer state (ZeRO 1-3).
+        "held_param_numel": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
+        "held_master_numel": sum(t.numel() for t in master_weight_partitions(engine)) if engine else None,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"rank{trainer.layout.rank}.json").write_text(json.dumps(record))
+
+
+def master_weight_partitions(engine) -> list:
+    optimizer = engine.optimizer
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO 1-2, ZeRO-3
+        if hasattr(optimizer, name):
+            return getattr(optimizer, name)
+    return [p for group in optimizer.param_groups for p in group["params"]]  # not partitioned
 
 
 def one_handle_per_batch() -> None:
