@@ -19,6 +19,7 @@ from stairscale.errors import ConfigError
 
 SCHEDULES = ("staircase", "cached", "global_cached", "ladder", "transformer", "transformer_xl")
 TEXT_FORMATS = ("auto", "files", "bytes", "enwik8")  # data/tasks.py: TextTask
+ALGORITHMIC_EVAL_PROGRAMS = 1000  # per validation and test split, as in the paper (data/tasks.py: AlgorithmicTask)
 
 
 def _checker(section: str):
@@ -135,6 +136,8 @@ class TaskConfig:
         need(self.tokenizer != "bpe" or self.name == "text", "tokenizer", "bpe is for the text task only")
         need(self.bpe_vocab >= 300, "bpe_vocab", f"{self.bpe_vocab} is too small (the byte alphabet alone is 256)")
         need(0.0 <= self.train_length_spread < 1.0, "train_length_spread", "must be in [0, 1)")
+        need(self.name != "algorithmic" or self.eval_docs <= ALGORITHMIC_EVAL_PROGRAMS, "eval_docs",
+             f"the algorithmic task has {ALGORITHMIC_EVAL_PROGRAMS} validation and test programs, got {self.eval_docs}")
         for key in ("eval_docs", "train_docs", "piece_len"):
             need(getattr(self, key) >= (0 if key == "eval_docs" else 1), key, f"must be positive, got {getattr(self, key)}")
 
@@ -146,7 +149,7 @@ class DataConfig:
     shard_docs: int = 0  # documents per shard when preparing; 0 = max(64, train.lanes) shards per split
     workers: int = 0  # loader worker processes per rank (0 = read in the training process)
     prefetch: int = 4  # batches each worker prepares ahead
-    on_bad_sample: str = "error"  # error | skip (skipped samples are counted and logged)
+    on_bad_sample: str = "error"  # error | skip (padding in its place; each process prints every sample it skips)
 
     def validate(self) -> None:
         need = _checker("data")

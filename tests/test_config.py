@@ -51,6 +51,7 @@ def test_overrides_are_typed():
         (["task.name=text", "task.format=bytes"], "task.format"),  # one file, but the default corpus is a directory
         (["task.name=text", "task.format=enwik8"], "task.format"),
         (["task.eval_length=1"], "task.eval_length"),
+        (["task.name=algorithmic", "task.eval_docs=1001"], "task.eval_docs"),
         (["train.lr=.inf"], "train.lr"),
         (["task.seed=-1"], "task.seed"),
         (["train.seed=-1"], "train.seed"),

@@ -139,12 +139,10 @@ def shard_bounds(documents: int, shard_docs: int, shards: int) -> list[tuple[int
 def _check_document(doc: Document, vocab_size: int, labelled: bool, where: str) -> None:
     if len(doc.tokens) == 0:
         raise DataError(f"{where}: empty document")
-    for name, ids, allowed in (("token", doc.tokens, ()), ("label", doc.labels, (IGNORE,))):
+    for name, ids in (("token", doc.tokens), ("label", doc.labels)):
         if ids is None:
             continue
-        bad = (ids < 0) | (ids >= vocab_size)
-        for value in allowed:
-            bad &= ids != value
+        bad = _outside(ids, vocab_size, ignore_label_ok=name == "label")
         if bad.any():
             raise DataError(f"{where}: {name} id {int(ids[bad][0])} outside the vocabulary of {vocab_size}")
     if labelled != (doc.labels is not None):
@@ -168,6 +166,7 @@ def _write_shard(root: Path, split: str, number: int, docs: list, tokens_dtype, 
     lengths = [len(doc.tokens) for _, doc in docs]
     data = (root / name).read_bytes()
     offsets = [members for _, members in _sample_offsets(data, root / name)]
+    end = max(start + _padded(size) for _, start, size in _tar_members(data, root / name))
     return {
         "file": name,
         "first_document": docs[0][0],
@@ -178,6 +177,7 @@ def _write_shard(root: Path, split: str, number: int, docs: list, tokens_dtype, 
         # Where each sample's payloads start, so a reader can gather a shard in one pass.
         "tokens_at": [m["tokens"][0] for m in offsets],
         "labels_at": [m["labels"][0] for m in offsets] if docs[0][1].labels is not None else None,
+        "end_at": end,  # the end-of-archive marker: no sample after the last one listed
     }
 
 
@@ -193,6 +193,7 @@ class Shard:
     lengths: list[int]
     tokens_at: list[int] | None  # payload offsets of each sample's tokens (None in older manifests)
     labels_at: list[int] | None
+    end_at: int | None  # where the end-of-archive marker starts (None in older manifests)
 
 
 class Dataset:
@@ -209,14 +210,16 @@ class Dataset:
             raise DataError(f"{manifest_path}: not valid JSON: {err}") from err
         if self.manifest.get("format") != FORMAT:
             raise DataError(f"{manifest_path}: format {self.manifest.get('format')!r} is not {FORMAT}")
-        v = self.manifest["vocab"]
-        self.vocab = Vocab(tuple(v["tokens"]), v["pad_id"], v["bos_id"])
-        self.labelled = self.manifest["labelled"]
-        self.byte_level = self.manifest["source"].get("tokenizer", "bytes") == "bytes"
-        self.token_dtype = np.dtype(self.manifest["token_dtype"])
-        self.label_dtype = np.dtype(self.manifest["label_dtype"])
+        with _manifest_entry(manifest_path):
+            v = self.manifest["vocab"]
+            self.vocab = Vocab(tuple(v["tokens"]), v["pad_id"], v["bos_id"])
+            self.labelled = self.manifest["labelled"]
+            self.byte_level = self.manifest["source"].get("tokenizer", "bytes") == "bytes"
+            self.token_dtype = np.dtype(self.manifest["token_dtype"])
+            self.label_dtype = np.dtype(self.manifest["label_dtype"])
+            self.manifest["splits"]
         self.on_bad_sample = on_bad_sample
-        self.skipped = 0  # samples skipped under on_bad_sample="skip"
+        self.skipped: set[str] = set()  # the bad samples this reader skipped (on_bad_sample="skip")
 
     @property
     def fingerprint(self) -> str:
@@ -230,11 +233,13 @@ class Dataset:
     def shards(self, split: str) -> list[Shard]:
         if split not in self.manifest["splits"]:
             raise DataError(f"dataset {self.root}: no split {split!r} (has {', '.join(self.manifest['splits'])})")
-        return [
-            Shard(split, i, self.root / s["file"], s["first_document"], s["documents"], s["tokens"], s["sha256"], s["lengths"],
-                  s.get("tokens_at"), s.get("labels_at"))
-            for i, s in enumerate(self.manifest["splits"][split]["shards"])
-        ]
+        shards = []
+        with _manifest_entry(self.root / MANIFEST, f"split {split}"):
+            for i, s in enumerate(self.manifest["splits"][split]["shards"]):
+                with _manifest_entry(self.root / MANIFEST, f"split {split}, shard {i}"):
+                    shards.append(Shard(split, i, self.root / s["file"], s["first_document"], s["documents"], s["tokens"],
+                                        s["sha256"], s["lengths"], s.get("tokens_at"), s.get("labels_at"), s.get("end_at")))
+        return shards
 
     def read_shard(self, shard: Shard) -> ShardDocuments:
         """All documents of a shard, checked against the manifest; errors name shard and sample."""
@@ -244,14 +249,16 @@ class Dataset:
     def _read_fast(self, shard: Shard, data: bytes) -> ShardDocuments | None:
         """Gather every document at the manifest's offsets; None if anything looks off, so the
         sample-by-sample reader can find and name the problem."""
-        if shard.tokens_at is None or (self.labelled and shard.labels_at is None):
+        if shard.tokens_at is None or shard.end_at is None or (self.labelled and shard.labels_at is None):
+            return None
+        if data[shard.end_at : shard.end_at + _BLOCK] != _ZEROS:  # another sample after the listed ones
             return None
         lengths = np.asarray(shard.lengths, dtype=np.int64)
         tokens = _gather(data, shard.tokens_at, lengths, self.token_dtype)
         labels = _gather(data, shard.labels_at, lengths, self.label_dtype) if self.labelled else None
         if tokens is None or (self.labelled and labels is None) or (lengths == 0).any():
             return None
-        if len(tokens) and int(tokens.max()) >= len(self.vocab):
+        if _outside(tokens, len(self.vocab), False).any() or (labels is not None and _outside(labels, len(self.vocab), True).any()):
             return None
         return ShardDocuments(
             tokens=tokens.astype(np.int64),
@@ -261,19 +268,15 @@ class Dataset:
         )
 
     def _read_each(self, shard: Shard, data: bytes) -> ShardDocuments:
-        keys, tokens, labels = [], [], []
-        for key, members in _samples(data, shard.path):
-            keys.append(key)
-            tokens.append(self._field(shard, key, members, "tokens", self.token_dtype))
-            labels.append(self._field(shard, key, members, "labels", self.label_dtype) if self.labelled else None)
-        if len(keys) != shard.documents:
-            raise DataError(f"shard {shard.path}: {len(keys)} samples, but the manifest lists {shard.documents}")
-        good = [self._good(shard, key, t, l, n) for key, t, l, n in zip(keys, tokens, labels, shard.lengths)]
+        samples = list(_samples(data, shard.path))
+        if len(samples) != shard.documents:
+            raise DataError(f"shard {shard.path}: {len(samples)} samples, but the manifest lists {shard.documents}")
+        docs = [self._checked(shard, key, members, n) for (key, members), n in zip(samples, shard.lengths)]
         # Under on_bad_sample="skip" a bad sample keeps its place, as padding of the manifest's length
         # (id SKIPPED), so that the lane plan, made from those lengths, still holds.
-        ids = np.where(good, shard.first_document + np.arange(len(keys)), SKIPPED)
-        tokens = [t if ok else np.full(n, self.vocab.pad_id) for t, ok, n in zip(tokens, good, shard.lengths)]
-        labels = [x if ok else np.full(n, IGNORE) for x, ok, n in zip(labels, good, shard.lengths)] if self.labelled else []
+        ids = np.array([SKIPPED if doc is None else shard.first_document + i for i, doc in enumerate(docs)], dtype=np.int64)
+        tokens = [np.full(n, self.vocab.pad_id) if doc is None else doc.tokens for doc, n in zip(docs, shard.lengths)]
+        labels = [np.full(n, IGNORE) if doc is None else doc.labels for doc, n in zip(docs, shard.lengths)] if self.labelled else []
         return ShardDocuments(
             tokens=np.concatenate(tokens).astype(np.int64) if tokens else np.zeros(0, dtype=np.int64),
             labels=np.concatenate(labels).astype(np.int64) if labels else None,
@@ -300,29 +303,50 @@ class Dataset:
             raise DataError(f"shard {shard.path}: sha256 does not match the manifest (changed or corrupt)")
         return data
 
-    def _field(self, shard: Shard, key: str, members: dict[str, memoryview], field: str, dtype) -> np.ndarray | None:
-        if field not in members:
-            return None  # reported by _good
-        return np.frombuffer(members[field], dtype=dtype)
-
-    def _good(self, shard: Shard, key: str, tokens: np.ndarray | None, labels: np.ndarray | None, length: int) -> bool:
-        """Check one sample; raise, or under on_bad_sample="skip" count it and return False."""
+    def _checked(self, shard: Shard, key: str, members: dict[str, memoryview], length: int) -> Document | None:
+        """One sample as a Document; raise, or under on_bad_sample="skip" report it and return None."""
         where = f"shard {shard.path}, sample {key}"
         try:
-            if tokens is None or (self.labelled and labels is None):
-                raise DataError(f"{where}: missing {'tokens' if tokens is None else 'labels'}")
+            tokens = _payload(members, "tokens", self.token_dtype, where)
+            labels = _payload(members, "labels", self.label_dtype, where) if self.labelled else None
             if labels is not None and len(labels) != len(tokens):
                 raise DataError(f"{where}: {len(labels)} labels for {len(tokens)} tokens")
             _check_document(Document(tokens, labels), len(self.vocab), self.labelled, where)
             if len(tokens) != length:  # the lane plan is made from the manifest's lengths
                 raise DataError(f"{where}: {len(tokens)} tokens, but the manifest lists {length}")
-            return True
+            return Document(tokens, labels)
         except DataError as err:
             if self.on_bad_sample != "skip":
                 raise
-            self.skipped += 1
-            print(f"stairscale: skipping bad sample ({self.skipped} so far): {err}", flush=True)
-            return False
+            if where not in self.skipped:  # each epoch reads the shard again: report a sample once
+                self.skipped.add(where)
+                print(f"stairscale: skipping bad sample ({len(self.skipped)} in this process so far): {err}", flush=True)
+            return None
+
+
+def _payload(members: dict[str, memoryview], field: str, dtype: np.dtype, where: str) -> np.ndarray:
+    if field not in members:
+        raise DataError(f"{where}: missing {field}")
+    payload = members[field]
+    if len(payload) % dtype.itemsize:
+        raise DataError(f"{where}: {field} payload of {len(payload)} bytes is not a whole number of {dtype} values")
+    return np.frombuffer(payload, dtype=dtype)
+
+
+def _outside(ids: np.ndarray, vocab_size: int, ignore_label_ok: bool) -> np.ndarray:
+    """Where ids are outside the vocabulary (labels may also be IGNORE)."""
+    ids = ids.astype(np.int64)
+    bad = (ids < 0) | (ids >= vocab_size)
+    return bad & (ids != IGNORE) if ignore_label_ok else bad
+
+
+@contextlib.contextmanager
+def _manifest_entry(path: Path, where: str = ""):
+    """Turn a missing manifest field into an error naming the manifest and the entry."""
+    try:
+        yield
+    except (KeyError, TypeError) as err:
+        raise DataError(f"{path}: {where + ': ' if where else ''}missing or malformed field {err}") from None
 
 
 @dataclass
@@ -386,7 +410,12 @@ def _tar_members(data: bytes, path: Path) -> Iterator[tuple[str, int, int]]:
                 raise DataError(f"shard {path}: corrupt member name after {count} members") from None
             yield (f"{prefix}/{name}" if prefix else name), start, size
         count += 1
-        pos = start + -(-size // _BLOCK) * _BLOCK
+        pos = start + _padded(size)
+
+
+def _padded(size: int) -> int:
+    """A tar member's payload size rounded up to whole blocks."""
+    return -(-size // _BLOCK) * _BLOCK
 
 
 def _gather(data: bytes, offsets: list[int], lengths: np.ndarray, dtype: np.dtype) -> np.ndarray | None:

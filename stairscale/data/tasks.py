@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stairscale.config import TEXT_FORMATS
+from stairscale.config import ALGORITHMIC_EVAL_PROGRAMS, TEXT_FORMATS
 
 IGNORE = -100
 """Label value meaning "no loss here"."""
@@ -156,7 +156,7 @@ class AlgorithmicTask:
     name = "algorithmic"
     NAMES = "abcde"
     MIN_VALUE, MAX_VALUE = 1, 10
-    DEFAULT_SIZES = {"train": 10000, "valid": 1000, "test": 1000}
+    DEFAULT_SIZES = {"train": 10000, "valid": ALGORITHMIC_EVAL_PROGRAMS, "test": ALGORITHMIC_EVAL_PROGRAMS}
 
     # Top-level statement kinds and their weights (before dropping infeasible ones).
     # Tuned for the paper's ~430 tokens per program: an `if` costs 8-9 tokens and every
