@@ -48,6 +48,17 @@ def test_update_carries_the_commonest_offset_of_the_segment_tail():
     assert shifts.offset.tolist() == [1, 0, 0, 5]
 
 
+def test_a_tied_tail_carries_the_smallest_offset():
+    """The same on every device (Tensor.mode breaks ties differently on CUDA)."""
+    true = [p % RING for p in range(BELIEF_TOKENS)]
+    half = BELIEF_TOKENS // 2
+    tails = ([3] * half + [0] * half, [5] * half + [2] * half, [2, 6] * half)
+    predicted = torch.tensor([[FIRST + (p + d) % RING for p, d in zip(true, tail)] for tail in tails])
+    shifts = CarriedOffset(RING, FIRST, lanes=3)
+    shifts.update(walk_batch([true] * 3, [[False] * BELIEF_TOKENS] * 3), predicted)
+    assert shifts.offset.tolist() == [0, 2, 2]
+
+
 @pytest.fixture
 def walk(tmp_path):
     """A tiny random-walk config: 8 steps on 20-token walks, then 6 on 40-token walks over 16-token

@@ -90,11 +90,14 @@ def torchrun(ranks: int, *args: str) -> list[str]:
 
 
 def launch_runs(ranks: int, config: Path, tmp_path: Path, runs: dict[str, list[str]], variables: dict | None = None) -> dict:
-    """Train each named run (overrides) in one launch of `ranks` processes."""
+    """Train each named run (overrides) in one launch of `ranks` processes (ranks 0: one process
+    started by plain python, no launcher)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     plan = [[str(config), str(tmp_path / name), overrides] for name, overrides in runs.items()]
     (tmp_path / "runs.json").write_text(json.dumps(plan))
-    run(torchrun(ranks, str(RUNS), str(tmp_path / "runs.json")), variables)
+    script = [str(RUNS), str(tmp_path / "runs.json")]
+    run(torchrun(ranks, *script) if ranks else [sys.executable, *script], variables)
+    ranks = max(ranks, 1)
     for name, overrides in runs.items():
         assert_layout_applied(tmp_path / name, ranks, load_config(config, overrides))
     return {name: read_run(tmp_path / name) for name in runs}
@@ -147,6 +150,19 @@ def test_every_variant_under_tensor_and_pipeline_parallel(layout, config, single
     got = launch_runs(2, config, tmp_path, {name: [*o, *extra] for name, o in VARIANTS.items()})
     for name in VARIANTS:
         assert_same_training(got[name], single[name], f"{layout} {name}")
+
+
+def test_zero_in_one_process_started_without_a_launcher(config, single, tmp_path):
+    """ZeRO needs DeepSpeed even in one process, where no launcher set LOCAL_RANK; with bf16
+    autocast, the engine is configured to keep it (on a GPU its forward would turn it off)."""
+    runs = {"zero1": ["parallel.zero_stage=1"], "zero3": ["parallel.zero_stage=3"],
+            "bf16": ["train.precision=bf16"], "zero1_bf16": ["parallel.zero_stage=1", "train.precision=bf16"]}
+    got = launch_runs(0, config, tmp_path, runs)
+    assert_same_training(got["zero1"], single["staircase"], "zero1 in one process")
+    assert_same_training(got["zero3"], single["staircase"], "zero3 in one process")
+    # bf16 against bf16 in the same process: its rounding depends on the number of threads
+    assert_same_training(got["zero1_bf16"], got["bf16"], "zero1 bf16 in one process")
+    assert got["bf16"][0][0]["loss"] != single["staircase"][0][0]["loss"]  # bf16 did round differently
 
 
 def test_data_parallel_with_every_zero_stage_and_gradient_accumulation(config, single, tmp_path):

@@ -41,11 +41,15 @@ class MegatronGroups:
         return parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size()
 
 
-def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
+def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool) -> dict:
     t, stage = cfg.train, cfg.parallel.zero_stage
     # The pipeline runs all micro-batches' backward itself: DeepSpeed sees one batch per step.
     micro_batches = t.grad_accum if layout.pp == 1 else 1
     return {
+        # The engine's forward switches off a CUDA autocast it was not configured with, so the
+        # trainer's bf16 autocast is declared here too. No module may reduce its gradients in bf16
+        # (DeepSpeed's default would for every Linear): they are reduced in fp32 as without ZeRO.
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "train_micro_batch_size_per_gpu": t.lanes // layout.dp // micro_batches,
         "gradient_accumulation_steps": micro_batches,
         # ZeRO-0 clips in DeepSpeedOptimizer.step (clip_gradients), which keeps the norm for the logs.
@@ -60,7 +64,7 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
 class DeepSpeedOptimizer:
     """The trainer's optimizer interface (backward, step) on a DeepSpeed engine."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, layout: Layout, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, cfg: RunConfig, layout: Layout, optimizer: torch.optim.Optimizer, bf16: bool):
         # Also for train.device=cpu on a machine with a GPU. DeepSpeed reads this once per process,
         # when it first picks its accelerator.
         if next(model.parameters()).device.type == "cpu":
@@ -72,7 +76,7 @@ class DeepSpeedOptimizer:
         self.cfg = cfg
         self.pipeline = layout.pp > 1
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout), mpu=MegatronGroups()
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout, bf16), mpu=MegatronGroups()
         )
 
     @property

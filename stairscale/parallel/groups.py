@@ -118,10 +118,12 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_rendezvous_address()[1]) if world == 1 else "29500")
+    # DeepSpeed needs LOCAL_RANK; a single process, or RANK and WORLD_SIZE set by hand, lack it.
+    local_rank = int(os.environ.setdefault("LOCAL_RANK", str(rank % torch.cuda.device_count() if device.type == "cuda" else rank)))
     if not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, rank=rank, world_size=world)
     from megatron.core import parallel_state
 

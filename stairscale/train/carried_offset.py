@@ -13,6 +13,7 @@ training error in the log, use the true labels. docs/reproducing.md has the tria
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from stairscale.data.lanes import Batch
@@ -46,7 +47,10 @@ class CarriedOffset:
         in this segment carries 0 and any other lane keeps its offset."""
         true, guess = batch.targets[:, -BELIEF_TOKENS:].long(), predicted[:, -BELIEF_TOKENS:].long()
         usable = (true != IGNORE) & (guess >= self.first_label) & (guess < self.first_label + self.ring)
-        belief = torch.where(usable, (guess - true) % self.ring, 0).mode(dim=1).values
+        offsets = torch.where(usable, (guess - true) % self.ring, 0)
+        # The commonest offset, ties to the smallest (argmax takes the first maximum on every
+        # device; Tensor.mode breaks ties differently on CUDA).
+        belief = F.one_hot(offsets, self.ring).sum(1).argmax(1)
         kept = torch.where(batch.doc_start.any(1), 0, self.offset)
         self.offset = torch.where(usable.all(1), belief, kept)
 

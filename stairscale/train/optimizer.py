@@ -31,7 +31,8 @@ class TorchOptimizer:
         return norm
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig, layout: Layout):
+def build_optimizer(model: nn.Module, cfg: RunConfig, layout: Layout, bf16: bool):
+    """AdamW, under DeepSpeed where the layout needs it; `bf16`: the forward runs under bf16 autocast."""
     t = cfg.train
     # On a GPU the fused kernel: one launch per step instead of a few per parameter. On the CPU,
     # torch's default, which the CPU recipes (docs/reproducing.md) were tuned and recorded with.
@@ -40,5 +41,5 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, layout: Layout):
     if layout.distributed or cfg.parallel.zero_stage:
         from stairscale.parallel.deepspeed_engine import DeepSpeedOptimizer
 
-        return DeepSpeedOptimizer(model, cfg, layout, adamw)
+        return DeepSpeedOptimizer(model, cfg, layout, adamw, bf16)
     return TorchOptimizer(model, adamw, t.grad_clip)

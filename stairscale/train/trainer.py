@@ -46,9 +46,12 @@ def resolve_device(cfg: RunConfig) -> torch.device:
     return device
 
 
+def uses_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
 def autocast(cfg: RunConfig, device: torch.device):
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    if not bf16:
+    if not uses_bf16(cfg, device):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -153,7 +156,7 @@ class Trainer:
             model.core.compile_calls(cfg.train.compile)
         if self.layout.distributed:
             torch.manual_seed(cfg.train.seed + self.layout.rank)  # distinct dropout masks per rank
-        self.optimizer = build_optimizer(model, cfg, self.layout)
+        self.optimizer = build_optimizer(model, cfg, self.layout, uses_bf16(cfg, self.device))
         self.model = self.optimizer.module
         self.run_dir = Path(cfg.run_dir)
         self.writer = None
