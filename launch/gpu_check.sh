@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent GPU machine (docs/benchmarks.md, docs/reproducing.md):
+#   0. DeepSpeed keeps the trainer's bf16 autocast (docs/parallel.md, "Precision"): the first
+#      step's loss of ZeRO-1 in one process must be the plain bf16 run's, not the fp32 run's;
 #   1. `bench step` of the full reproduction's Staircase (fp32, as the reproduction trains): eager
 #      at 512 lanes, and at 128 lanes eager against two torch.compile modes, measured in the same
 #      run (a few minutes);
@@ -12,6 +14,19 @@ minutes=${1:-6}
 out=${2:-${OUT:-runs/gpu_check}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+for run in fp32 bf16 zero1_bf16; do
+  precision=${run#zero1_}
+  zero=$([[ $run == zero1_* ]] && echo 1 || echo 0)
+  python -m stairscale.cli train --set train.steps=3 --set train.eval_every=0 --set task.eval_docs=4 \
+    --set train.precision="$precision" --set parallel.zero_stage="$zero" --set run_dir="$out/precision/$run" > "$out/precision_$run.log"
+done
+python - "$out/precision" <<'EOF' | tee "$out/precision_check.txt"
+import json, sys
+first = {run: json.load(open(f"{sys.argv[1]}/{run}/results.json"))["steps"][0]["loss"] for run in ("fp32", "bf16", "zero1_bf16")}
+ok = abs(first["zero1_bf16"] - first["bf16"]) < 0.1 * abs(first["fp32"] - first["bf16"])
+print(f"first-step loss: fp32 {first['fp32']:.6f}, bf16 {first['bf16']:.6f}, ZeRO-1 bf16 {first['zero1_bf16']:.6f}:",
+      "PASS, DeepSpeed keeps bf16 autocast" if ok else "FAIL, ZeRO-1 did not compute in bf16")
+EOF
 bench_step="python -m stairscale.cli bench step --set train.precision=fp32"
 $bench_step --set train.lanes=512 --steps 10 --warmup 3 --compile none | tee "$out/bench_step_512.txt"
 $bench_step --set train.lanes=128 --steps 20 --warmup 10 --compile default,reduce-overhead | tee "$out/bench_step_128.txt"

@@ -173,10 +173,15 @@ def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0, compile
     """Train the three models on both tasks, score them, print and save the table.
     `steps_scale` multiplies every run's steps (to fit a slower or faster machine); `compile` is
     every run's train.compile."""
+    from stairscale.config import RunConfig, from_dict
+    from stairscale.train.trainer import refuse_another_run
+
     budget = QUICK if quick else FULL
     started = time.time()
     configs = [run_config(task, model, budget, out, steps_scale, compile) for task in ("random_walk", "algorithmic") for model in MODELS]
     print(f"reproduce tracking ({'quick' if quick else 'full'}): {len(configs)} runs into {out}", flush=True)
+    for config in configs:  # before any run starts: one that would mix with an earlier run in --out
+        refuse_another_run(from_dict(RunConfig, config).validate())
     run_all(configs, budget.parallel)
     report = score(out, budget)
     report["wall_seconds"] = time.time() - started

@@ -167,6 +167,11 @@ def test_cli_train_then_eval_agree(tmp_path, cache):
     if not torch.cuda.is_available():  # a GPU asked for where there is none: the key, before any work
         gpu = subprocess.run(cmd + ["eval", "--run", str(run), "--set", "train.device=cuda"], capture_output=True, text=True)
         assert gpu.returncode == 2 and "train.device" in gpu.stderr and "Traceback" not in gpu.stderr
+    # A run trained on GPUs over nccl is scored in one process on the CPU all the same.
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("backend: auto", "backend: nccl"))
+    on_cpu = subprocess.run(cmd + ["eval", "--run", str(run), "--set", "train.device=cpu"], capture_output=True, text=True)
+    assert on_cpu.returncode == 0 and json.loads(on_cpu.stdout)["loss"] == pytest.approx(expected["loss"], rel=1e-9), on_cpu.stderr
     checkpoint = run / "checkpoint.pt"
     damages = (
         (lambda: checkpoint.write_bytes(checkpoint.read_bytes()[:1000]), "cannot be read"),
@@ -179,6 +184,22 @@ def test_cli_train_then_eval_agree(tmp_path, cache):
         failed = subprocess.run(cmd + ["eval", "--run", str(run)], capture_output=True, text=True)
         assert failed.returncode == 1 and problem in failed.stderr and str(checkpoint) in failed.stderr
         assert "Traceback" not in failed.stderr
+
+
+def test_a_run_directory_holds_one_run(tmp_path, cache):
+    """The same config may run again in its directory; another one is refused before it changes
+    anything there, so config.yaml, checkpoint and results keep describing one run."""
+    run = tmp_path / "run"
+    overrides = TINY + ["train.steps=2", f"run_dir={run}", f"data.cache={cache}", "task.train_lengths=[20]", "task.train_length_steps=[0]"]
+    cmd = [sys.executable, "-m", "stairscale.cli", "train"] + [a for o in overrides for a in ("--set", o)]
+    for _ in range(2):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    files = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
+    other = subprocess.run(cmd + ["--set", "model.schedule=transformer"], capture_output=True, text=True)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert f"run_dir: {run} holds another run (model.schedule 'staircase' -> 'transformer')" in other.stderr
+    assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == files
 
 
 def test_cli_config_error_names_the_key(tmp_path):

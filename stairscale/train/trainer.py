@@ -29,9 +29,12 @@ from stairscale.parallel import collectives
 from stairscale.parallel.groups import Layout, check_layout, init_distributed
 from stairscale.parallel.model import build_model, full_state_dict
 from stairscale.train.carried_offset import CarriedOffset
-from stairscale.train.checkpoint import save_checkpoint
+from stairscale.train.checkpoint import CHECKPOINT, save_checkpoint
 from stairscale.train.metrics import Tally, headline
 from stairscale.train.optimizer import build_optimizer
+
+
+RESULTS = "results.json"
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -41,9 +44,35 @@ def resolve_device(cfg: RunConfig) -> torch.device:
         device = torch.device(cfg.train.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {cfg.train.device!r}, but torch sees no CUDA device here (use auto or cpu)")
+    return device
+
+
+def check_backend(cfg: RunConfig, device: torch.device) -> None:
     if cfg.parallel.backend == "nccl" and device.type != "cuda":
         raise ConfigError(f"parallel.backend: nccl runs on CUDA devices, but train.device {cfg.train.device!r} is the CPU here (use auto or gloo)")
-    return device
+
+
+def refuse_another_run(cfg: RunConfig) -> None:
+    """A run directory holds one run. A run with another config there would overwrite config.yaml
+    at once and the checkpoint and results at its end, leaving the two mixed if it stops early."""
+    run_dir = Path(cfg.run_dir)
+    if not any((run_dir / name).exists() for name in (CHECKPOINT, RESULTS)):
+        return
+    written = run_dir / "config.yaml"
+    earlier = _dotted(yaml.safe_load(written.read_text()) or {}) if written.is_file() else {}
+    now = _dotted(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    changed = sorted(key for key in earlier.keys() | now.keys() if earlier.get(key) != now.get(key))
+    if changed:
+        what = ", ".join(f"{key} {earlier.get(key)!r} -> {now.get(key)!r}" for key in changed[:3]) if earlier else "no config.yaml"
+        raise ConfigError(f"run_dir: {run_dir} holds another run ({what}{', ...' if len(changed) > 3 else ''}); "
+                          "choose another run_dir or remove that run")
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def uses_bf16(cfg: RunConfig, device: torch.device) -> bool:
@@ -136,6 +165,8 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg)
+        check_backend(cfg, self.device)
+        refuse_another_run(cfg)
         self.layout = init_distributed(cfg.parallel, self.device)
         check_layout(cfg, self.layout)
         self.quiet = quiet or not self.layout.reports
@@ -295,7 +326,7 @@ class Trainer:
         results["steps"] = self.history
         self.log(f"test: {headline(results['test'])} (loss {results['test']['loss']:.4f})")
         if self.layout.reports:
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            (self.run_dir / RESULTS).write_text(json.dumps(results, indent=2))
             self.writer.close()
         return results
 
