@@ -18,9 +18,10 @@ for run in fp32 bf16 zero1_bf16; do
   precision=${run#zero1_}
   zero=$([[ $run == zero1_* ]] && echo 1 || echo 0)
   python -m stairscale.cli train --set train.steps=3 --set train.eval_every=0 --set task.eval_docs=4 \
-    --set train.precision="$precision" --set parallel.zero_stage="$zero" --set run_dir="$out/precision/$run" > "$out/precision_$run.log"
+    --set train.precision="$precision" --set parallel.zero_stage="$zero" --set run_dir="$out/precision/$run" \
+    > "$out/precision_$run.log" 2>&1 || echo "precision run $run failed: see $out/precision_$run.log"
 done
-python - "$out/precision" <<'EOF' | tee "$out/precision_check.txt"
+python - "$out/precision" <<'EOF' 2>&1 | tee "$out/precision_check.txt" || true
 import json, sys
 first = {run: json.load(open(f"{sys.argv[1]}/{run}/results.json"))["steps"][0]["loss"] for run in ("fp32", "bf16", "zero1_bf16")}
 ok = abs(first["zero1_bf16"] - first["bf16"]) < 0.1 * abs(first["fp32"] - first["bf16"])

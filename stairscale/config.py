@@ -149,7 +149,7 @@ class DataConfig:
     shard_docs: int = 0  # documents per shard when preparing; 0 = max(64, train.lanes) shards per split
     workers: int = 0  # loader worker processes per rank (0 = read in the training process)
     prefetch: int = 4  # batches each worker prepares ahead
-    on_bad_sample: str = "error"  # error | skip (padding in its place; each process prints every sample it skips)
+    on_bad_sample: str = "error"  # error | skip (padding in its place; each reader prints every sample it skips once)
 
     def validate(self) -> None:
         need = _checker("data")

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from stairscale.cli import score_run
-from stairscale.errors import RunFailed
+from stairscale.errors import ConfigError, RunFailed
 
 PAPER = {  # error %, from the paper's Table (random walk, algorithmic)
     "transformer_xl": (84.1, 48.7),
@@ -149,7 +149,12 @@ def fit_steps_scale(budget: Budget, out: Path, minutes: float, compile: str = "n
     at a time, longest first, as run_all starts them."""
     from stairscale.bench import measure_step
     from stairscale.config import RunConfig, from_dict
+    from stairscale.train.trainer import holds_a_run
 
+    held = [str(run) for run in sorted(out.glob("*")) if holds_a_run(run)]
+    if held:  # the step counts planned here would differ from theirs: refuse now, not after measuring
+        raise ConfigError(f"--out: {out} already holds runs ({', '.join(held[:2])}{', ...' if len(held) > 2 else ''}); "
+                          "--fit-minutes plans new step counts, so choose a new --out or remove those runs")
     costs = []
     for model in MODELS:
         cfg = from_dict(RunConfig, run_config("random_walk", model, budget, out / "calibration", compile=compile)).validate()

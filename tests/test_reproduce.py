@@ -2,8 +2,11 @@
 
 from pathlib import Path
 
+import pytest
+
 from stairscale.config import RunConfig, from_dict
-from stairscale.reproduce import FULL, MODELS, QUICK, _makespan, run_config
+from stairscale.errors import ConfigError
+from stairscale.reproduce import FULL, MODELS, QUICK, _makespan, fit_steps_scale, run_config
 
 
 def test_makespan_runs_longest_first_on_free_slots():
@@ -30,3 +33,11 @@ def test_steps_scale_scales_steps_stage_boundaries_and_warm_up(tmp_path):
     assert scaled["train"]["steps"] == round(full["train"]["steps"] * 0.1)
     assert scaled["task"]["train_length_steps"][1] == round(full["task"]["train_length_steps"][1] * 0.1)
     assert (full["train"]["warmup_steps"], scaled["train"]["warmup_steps"]) == (200, 20)
+
+
+def test_fitting_to_minutes_refuses_an_out_that_holds_runs_before_measuring(tmp_path):
+    (tmp_path / "random_walk_staircase").mkdir()
+    (tmp_path / "random_walk_staircase" / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="--out: .* already holds runs .*random_walk_staircase"):
+        fit_steps_scale(QUICK, tmp_path, minutes=1)
+    assert not (tmp_path / "calibration").exists()

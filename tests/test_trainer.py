@@ -192,14 +192,17 @@ def test_a_run_directory_holds_one_run(tmp_path, cache):
     run = tmp_path / "run"
     overrides = TINY + ["train.steps=2", f"run_dir={run}", f"data.cache={cache}", "task.train_lengths=[20]", "task.train_length_steps=[0]"]
     cmd = [sys.executable, "-m", "stairscale.cli", "train"] + [a for o in overrides for a in ("--set", o)]
-    for _ in range(2):
-        done = subprocess.run(cmd, capture_output=True, text=True)
+    for again in ([], ["--set", "train.threads=1", "--set", "data.workers=1"]):  # how it runs is not what it computes
+        done = subprocess.run(cmd + again, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
     files = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
     other = subprocess.run(cmd + ["--set", "model.schedule=transformer"], capture_output=True, text=True)
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert f"run_dir: {run} holds another run (model.schedule 'staircase' -> 'transformer')" in other.stderr
     assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == files
+    (run / "config.yaml").write_text("model: [")
+    unreadable = subprocess.run(cmd, capture_output=True, text=True)
+    assert unreadable.returncode == 2 and "config.yaml cannot be read" in unreadable.stderr and "Traceback" not in unreadable.stderr
 
 
 def test_cli_config_error_names_the_key(tmp_path):

@@ -166,7 +166,6 @@ def _write_shard(root: Path, split: str, number: int, docs: list, tokens_dtype, 
     lengths = [len(doc.tokens) for _, doc in docs]
     data = (root / name).read_bytes()
     offsets = [members for _, members in _sample_offsets(data, root / name)]
-    end = max(start + _padded(size) for _, start, size in _tar_members(data, root / name))
     return {
         "file": name,
         "first_document": docs[0][0],
@@ -177,7 +176,6 @@ def _write_shard(root: Path, split: str, number: int, docs: list, tokens_dtype, 
         # Where each sample's payloads start, so a reader can gather a shard in one pass.
         "tokens_at": [m["tokens"][0] for m in offsets],
         "labels_at": [m["labels"][0] for m in offsets] if docs[0][1].labels is not None else None,
-        "end_at": end,  # the end-of-archive marker: no sample after the last one listed
     }
 
 
@@ -193,7 +191,6 @@ class Shard:
     lengths: list[int]
     tokens_at: list[int] | None  # payload offsets of each sample's tokens (None in older manifests)
     labels_at: list[int] | None
-    end_at: int | None  # where the end-of-archive marker starts (None in older manifests)
 
 
 class Dataset:
@@ -225,9 +222,10 @@ class Dataset:
     def fingerprint(self) -> str:
         """Identifies the data: the hash of all shard checksums."""
         digest = hashlib.sha256()
-        for split in sorted(self.manifest["splits"]):
-            for shard in self.manifest["splits"][split]["shards"]:
-                digest.update(shard["sha256"].encode())
+        with _manifest_entry(self.root / MANIFEST):
+            for split in sorted(self.manifest["splits"]):
+                for shard in self.manifest["splits"][split]["shards"]:
+                    digest.update(shard["sha256"].encode())
         return digest.hexdigest()[:16]
 
     def shards(self, split: str) -> list[Shard]:
@@ -238,7 +236,7 @@ class Dataset:
             for i, s in enumerate(self.manifest["splits"][split]["shards"]):
                 with _manifest_entry(self.root / MANIFEST, f"split {split}, shard {i}"):
                     shards.append(Shard(split, i, self.root / s["file"], s["first_document"], s["documents"], s["tokens"],
-                                        s["sha256"], s["lengths"], s.get("tokens_at"), s.get("labels_at"), s.get("end_at")))
+                                        s["sha256"], s["lengths"], s.get("tokens_at"), s.get("labels_at")))
         return shards
 
     def read_shard(self, shard: Shard) -> ShardDocuments:
@@ -249,16 +247,19 @@ class Dataset:
     def _read_fast(self, shard: Shard, data: bytes) -> ShardDocuments | None:
         """Gather every document at the manifest's offsets; None if anything looks off, so the
         sample-by-sample reader can find and name the problem."""
-        if shard.tokens_at is None or shard.end_at is None or (self.labelled and shard.labels_at is None):
+        if shard.tokens_at is None or (self.labelled and shard.labels_at is None):
             return None
-        if data[shard.end_at : shard.end_at + _BLOCK] != _ZEROS:  # another sample after the listed ones
+        # Tokens are each sample's last member (TarWriter writes them in name order), so the
+        # end-of-archive marker follows the last sample's tokens unless another sample does.
+        end = shard.tokens_at[-1] + _padded(shard.lengths[-1] * self.token_dtype.itemsize)
+        if data[end : end + _BLOCK] != _ZEROS:
             return None
         lengths = np.asarray(shard.lengths, dtype=np.int64)
         tokens = _gather(data, shard.tokens_at, lengths, self.token_dtype)
         labels = _gather(data, shard.labels_at, lengths, self.label_dtype) if self.labelled else None
         if tokens is None or (self.labelled and labels is None) or (lengths == 0).any():
             return None
-        if _outside(tokens, len(self.vocab), False).any() or (labels is not None and _outside(labels, len(self.vocab), True).any()):
+        if not _in_vocab(tokens, len(self.vocab)) or (labels is not None and not _in_vocab(labels[labels != IGNORE], len(self.vocab))):
             return None
         return ShardDocuments(
             tokens=tokens.astype(np.int64),
@@ -331,6 +332,10 @@ def _payload(members: dict[str, memoryview], field: str, dtype: np.dtype, where:
     if len(payload) % dtype.itemsize:
         raise DataError(f"{where}: {field} payload of {len(payload)} bytes is not a whole number of {dtype} values")
     return np.frombuffer(payload, dtype=dtype)
+
+
+def _in_vocab(ids: np.ndarray, vocab_size: int) -> bool:
+    return not len(ids) or (int(ids.min()) >= 0 and int(ids.max()) < vocab_size)
 
 
 def _outside(ids: np.ndarray, vocab_size: int, ignore_label_ok: bool) -> np.ndarray:

@@ -16,7 +16,7 @@ import yaml
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from stairscale.config import RunConfig
+from stairscale.config import RunConfig, from_dict
 from stairscale.data.lanes import Batch
 from stairscale.data.loader import LaneLoader, LoaderSpec, check_a_shard_per_lane
 from stairscale.data.prepare import build_task, dataset_dir, train_split
@@ -52,20 +52,30 @@ def check_backend(cfg: RunConfig, device: torch.device) -> None:
         raise ConfigError(f"parallel.backend: nccl runs on CUDA devices, but train.device {cfg.train.device!r} is the CPU here (use auto or gloo)")
 
 
+# Keys that change how a run is executed, not what it computes.
+NOT_THE_RUN = ("run_dir", "data.cache", "data.workers", "data.prefetch", "train.threads", "train.log_every")
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in (CHECKPOINT, RESULTS))
+
+
 def refuse_another_run(cfg: RunConfig) -> None:
     """A run directory holds one run. A run with another config there would overwrite config.yaml
     at once and the checkpoint and results at its end, leaving the two mixed if it stops early."""
     run_dir = Path(cfg.run_dir)
-    if not any((run_dir / name).exists() for name in (CHECKPOINT, RESULTS)):
+    if not holds_a_run(run_dir):
         return
-    written = run_dir / "config.yaml"
-    earlier = _dotted(yaml.safe_load(written.read_text()) or {}) if written.is_file() else {}
-    now = _dotted(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
-    changed = sorted(key for key in earlier.keys() | now.keys() if earlier.get(key) != now.get(key))
+    refuse = f"run_dir: {run_dir} holds another run"
+    try:
+        earlier = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, ConfigError) as err:
+        raise ConfigError(f"{refuse}, whose config.yaml cannot be read ({err}); choose another run_dir or remove that run") from None
+    was, now = _dotted(earlier.to_dict()), _dotted(cfg.to_dict())
+    changed = [key for key in now if was[key] != now[key] and key not in NOT_THE_RUN]
     if changed:
-        what = ", ".join(f"{key} {earlier.get(key)!r} -> {now.get(key)!r}" for key in changed[:3]) if earlier else "no config.yaml"
-        raise ConfigError(f"run_dir: {run_dir} holds another run ({what}{', ...' if len(changed) > 3 else ''}); "
-                          "choose another run_dir or remove that run")
+        what = ", ".join(f"{key} {was[key]!r} -> {now[key]!r}" for key in changed[:3]) + (", ..." if len(changed) > 3 else "")
+        raise ConfigError(f"{refuse} ({what}); choose another run_dir or remove that run")
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict:
