@@ -226,6 +226,25 @@ def score(out: Path, budget: Budget) -> dict:
     return report
 
 
+CHANCE = 87.5  # error % of a guess on the ring of 8
+
+
+def target_lines(report: dict) -> list[str]:
+    """The issue's pass/fail conditions, each with the numbers it was judged on."""
+    walk = {name: entry["walk"] for name, entry in report["models"].items()}
+    longest, reach = max(walk["staircase"]), report["txl_reach"]
+    xl, stair = walk["transformer_xl"][longest]["beyond_txl_reach"], walk["staircase"][longest]["beyond_txl_reach"]
+    checks = [
+        (f"Transformer-XL from position {reach} on {longest}-token walks: {xl:.1f}%, within 10 points of chance ({CHANCE}%)",
+         abs(xl - CHANCE) <= 10),
+        (f"Staircase from position {reach} on {longest}-token walks: {stair:.1f}%, at most half the Transformer-XL's", stair <= xl / 2),
+    ]
+    for length in sorted({128, longest} if longest >= 1000 else {128}):  # 1,000+ tokens: the full variant's walks
+        error = walk["staircase"][length]["error"]
+        checks.append((f"Staircase on {length}-token walks: {error:.1f}%, under 5%", error < 5))
+    return [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]
+
+
 def render(report: dict) -> str:
     models = report["models"]
     lengths = list(next(iter(models.values()))["walk"])
@@ -236,7 +255,7 @@ def render(report: dict) -> str:
         "",
         "| model | parameters | passes/token | "
         + " | ".join(f"walk err % ({n}-token docs)" for n in lengths)
-        + f" | walk err % beyond pos {reach} ({longest}-token docs) | algorithmic err % | paper walk | paper algorithmic |",
+        + f" | walk err % from pos {reach} on ({longest}-token docs) | algorithmic err % | paper walk | paper algorithmic |",
         "|---" * (7 + len(lengths)) + "|",
     ]
     for name, entry in models.items():
@@ -246,6 +265,7 @@ def render(report: dict) -> str:
             f"| {name} | {entry['parameters']:,} | {entry['passes_per_token']} | {walk} | "
             f"{entry['walk'][longest]['beyond_txl_reach']:.1f} | {entry['algo_error']:.1f} | {paper_walk} | {paper_algo} |"
         )
+    lines += ["", "Targets (issue #2):", *target_lines(report)]
     lines += ["", f"Random-walk error % by position along {longest}-token test documents (bucket start: error):"]
     for name, entry in models.items():
         curve = ", ".join(f"{first}: {error:.1f}" for first, error in entry["walk"][longest]["error_by_position"])

@@ -6,7 +6,7 @@ import pytest
 
 from stairscale.config import RunConfig, from_dict
 from stairscale.errors import ConfigError
-from stairscale.reproduce import FULL, MODELS, QUICK, _makespan, fit_steps_scale, run_config
+from stairscale.reproduce import FULL, MODELS, QUICK, _makespan, fit_steps_scale, render, run_config
 
 
 def test_makespan_runs_longest_first_on_free_slots():
@@ -41,3 +41,22 @@ def test_fitting_to_minutes_refuses_an_out_that_holds_runs_before_measuring(tmp_
     with pytest.raises(ConfigError, match="--out: .* already holds runs .*random_walk_staircase"):
         fit_steps_scale(QUICK, tmp_path, minutes=1)
     assert not (tmp_path / "calibration").exists()
+
+
+def test_the_table_judges_the_targets_of_the_issue():
+    def model(errors: dict[int, tuple[float, float]]) -> dict:
+        walk = {n: {"error": e, "beyond_txl_reach": b, "error_by_position": [[0, e]]} for n, (e, b) in errors.items()}
+        return {"parameters": 1, "passes_per_token": 1, "walk": walk, "walk_curve": [], "algo_error": 80.0, "algo_curve": []}
+
+    report = {"txl_reach": 64, "models": {
+        "transformer_xl": model({128: (51.0, 86.0), 1024: (85.0, 87.0)}),
+        "ladder": model({128: (44.0, 83.0), 1024: (80.0, 86.0)}),
+        "staircase": model({128: (0.5, 4.0), 1024: (12.0, 12.5)}),
+    }}
+    targets = render(report).split("Targets (issue #2):\n")[1].split("\n\n")[0].splitlines()
+    assert targets == [
+        "- PASS: Transformer-XL from position 64 on 1024-token walks: 87.0%, within 10 points of chance (87.5%)",
+        "- PASS: Staircase from position 64 on 1024-token walks: 12.5%, at most half the Transformer-XL's",
+        "- PASS: Staircase on 128-token walks: 0.5%, under 5%",
+        "- FAIL: Staircase on 1024-token walks: 12.0%, under 5%",
+    ]
