@@ -5,10 +5,12 @@ dispatches), `bench pipeline` (pipeline micro-batches)."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stairscale.config import RunConfig
@@ -48,6 +50,13 @@ class StepTimer:
         if self.trainer.writer is not None:
             self.trainer.writer.close()
         self.run_dir.cleanup()
+        # Free this config's model, optimizer, compiled code and CUDA graphs before the next one
+        # is measured (the trainer and its batch generator hold each other).
+        del self.trainer, self.batches
+        gc.collect()
+        torch._dynamo.reset()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def step(self) -> None:
         index, batch, states = next(self.batches)
@@ -57,12 +66,19 @@ class StepTimer:
         """After `warmup` steps, which pay for start-up and compilation."""
         for _ in range(warmup):
             self.step()
-        _synchronize(self.device)
+        self._wait_for_all()
         started = time.perf_counter()
         for _ in range(steps):
             self.step()
-        _synchronize(self.device)
+        self._wait_for_all()
         return (time.perf_counter() - started) / steps
+
+    def _wait_for_all(self) -> None:
+        """Until this device's queued work and every rank are done, so the time covers them."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def measure_step(cfg: RunConfig, steps: int, warmup: int, compile: str | None = None) -> float:
@@ -71,11 +87,11 @@ def measure_step(cfg: RunConfig, steps: int, warmup: int, compile: str | None = 
         return timer.seconds_per_step(steps, warmup)
 
 
-def bench_data(cfg: RunConfig, seconds: float, steps: int = 20) -> dict:
+def bench_data(cfg: RunConfig, seconds: float, steps: int = 20, warmup: int = 10) -> dict:
     root = dataset_dir(cfg)
     split = train_split(cfg.task, 0)
     loader_rate = _rate(iter(make_loader(cfg, root, split, training=True)), seconds)
-    train = cfg.train.lanes * cfg.train.segment_len / measure_step(cfg, steps, warmup=2)
+    train = cfg.train.lanes * cfg.train.segment_len / measure_step(cfg, steps, warmup)
     result = {
         "dataset": str(root),
         "split": split,
@@ -97,15 +113,17 @@ def bench_data(cfg: RunConfig, seconds: float, steps: int = 20) -> dict:
 def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int) -> list[dict] | None:
     """Seconds per train step of the config's layout with each number of pipeline micro-batches
     (same global batch, so the same work), beside the speed-up the wavefront's unit-time model
-    predicts over one micro-batch. Run it under a launcher with the config's world size."""
+    predicts over one micro-batch. Run it under a launcher with the config's world size. (Two
+    warm-up steps: a pipeline cannot be compiled, so they pay only for start-up.)"""
     rows = []
     for count in micro_batches:
         with StepTimer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count))) as timer:
             seconds = timer.seconds_per_step(steps, warmup=2)
-        runner = getattr(timer.trainer.model, "runner", None)
+            runner = getattr(timer.trainer.model, "runner", None)
+            layout = timer.trainer.layout
         calls = runner.schedule.count(cfg.train.segment_len) if runner else 1
         slots = len(schedule(cfg.parallel.pipeline, count, calls).slots) / count  # in units of one micro-batch's action
-        rows.append({"micro_batches": count, "seconds_per_step": seconds, "model_slots": slots, "layout": timer.trainer.layout})
+        rows.append({"micro_batches": count, "seconds_per_step": seconds, "model_slots": slots, "layout": layout})
     base = rows[0]
     if not base["layout"].reports:
         return None
@@ -131,29 +149,26 @@ class _OpCounter(TorchDispatchMode):
 def bench_step(cfg: RunConfig, modes: list[str], steps: int, warmup: int) -> list[dict]:
     """Milliseconds per train step of the config with each train.compile mode, beside eager
     ("none") measured in the same run. For eager it also counts the operations one step dispatches
-    and, on a GPU, the times the host waits for the device."""
+    and, on a GPU, the times the host waits for the device. Each row is printed when measured, so
+    a mode that crashes the process leaves the rows before it."""
+    m, t = cfg.model, cfg.train
+    print(f"{m.schedule}, {t.lanes} lanes x {t.segment_len} tokens, {resolve_device(cfg)}; {steps} steps after {warmup} warm-up steps", flush=True)
     with StepTimer(cfg, compile="none") as timer:
-        rows = [{"compile": "none", "ms_per_step": timer.seconds_per_step(steps, warmup) * 1e3}]
+        eager = {"compile": "none", "ms_per_step": timer.seconds_per_step(steps, warmup) * 1e3}
         with _OpCounter() as counter, _SyncCounter(timer.device) as syncs:
             timer.step()
-    rows[0].update(ops_per_step=counter.ops, host_waits_per_step=syncs.count)
+    eager.update(ops_per_step=counter.ops, host_waits_per_step=syncs.count)
+    waits = "" if syncs.count is None else f", host waits for the device {syncs.count}x"
+    print(f"compile none: {eager['ms_per_step']:.1f} ms/step | speed-up over eager 1.00x | {counter.ops} ops dispatched{waits}", flush=True)
+    rows = [eager]
     for mode in [m for m in modes if m != "none"]:
         try:
-            rows.append({"compile": mode, "ms_per_step": measure_step(cfg, steps, warmup, compile=mode) * 1e3})
+            row = {"compile": mode, "ms_per_step": measure_step(cfg, steps, warmup, compile=mode) * 1e3}
+            print(f"compile {mode}: {row['ms_per_step']:.1f} ms/step | speed-up over eager {eager['ms_per_step'] / row['ms_per_step']:.2f}x", flush=True)
         except Exception as err:  # a mode that fails is reported, and the other modes still measured
-            rows.append({"compile": mode, "error": f"{type(err).__name__}: {err}"})
-    base = rows[0]["ms_per_step"]
-    m, t = cfg.model, cfg.train
-    print(f"{m.schedule}, {t.lanes} lanes x {t.segment_len} tokens, {resolve_device(cfg)}; {steps} steps after {warmup} warm-up steps")
-    for row in rows:
-        if "error" in row:
-            print(f"compile {row['compile']}: failed: {row['error'].splitlines()[0]}")
-            continue
-        extra = ""
-        if "ops_per_step" in row:
-            waits = row["host_waits_per_step"]
-            extra = f" | {row['ops_per_step']} ops dispatched" + ("" if waits is None else f", host waits for the device {waits}x")
-        print(f"compile {row['compile']}: {row['ms_per_step']:.1f} ms/step | speed-up over eager {base / row['ms_per_step']:.2f}x{extra}")
+            row = {"compile": mode, "error": f"{type(err).__name__}: {err}"}
+            print(f"compile {mode}: failed: {row['error'].splitlines()[0]}", flush=True)
+        rows.append(row)
     measured = [row for row in rows if "error" not in row]
     print(f"fastest: {min(measured, key=lambda row: row['ms_per_step'])['compile']}")
     return rows
@@ -181,8 +196,3 @@ class _SyncCounter:
             torch.cuda.set_sync_debug_mode("default")
             self.catcher.__exit__(*exc)
             self.count = sum("synchroniz" in str(w.message) for w in self.caught)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()

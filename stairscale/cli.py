@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="data: loader vs train step; step: compile modes vs eager; pipeline: micro-batches (under a launcher)")
     bench.add_argument("--config", help="YAML run config")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    bench.add_argument("--seconds", type=float, default=10.0, help="data: time spent on each measurement")
+    bench.add_argument("--seconds", type=float, default=10.0, help="data: seconds the loader is measured for")
     bench.add_argument("--micro-batches", default="1,2,4", help="pipeline: micro-batch counts to compare (the first is the baseline)")
     bench.add_argument("--steps", type=int, default=20, help="step, pipeline: train steps per measurement")
-    bench.add_argument("--warmup", type=int, default=10, help="step: steps before each measurement (they pay for compilation)")
+    bench.add_argument("--warmup", type=int, default=10, help="step, data: train steps before each measurement (they pay for compilation)")
     bench.add_argument("--compile", default="default", help="step: compile modes to compare with eager, comma-separated")
 
     reproduce = commands.add_parser("reproduce", help="rerun an experiment of the paper")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.set)
             if args.what == "data":
-                bench_data(cfg, args.seconds)
+                bench_data(cfg, args.seconds, warmup=args.warmup)
             elif args.what == "step":
                 bench_step(cfg, args.compile.split(","), args.steps, args.warmup)
             else:
