@@ -149,7 +149,7 @@ def fit_steps_scale(budget: Budget, out: Path, minutes: float, compile: str = "n
     at a time, longest first, as run_all starts them."""
     from stairscale.bench import measure_step
     from stairscale.config import RunConfig, from_dict
-    from stairscale.train.trainer import holds_a_run
+    from stairscale.train.checkpoint import holds_a_run
 
     held = [str(run) for run in sorted(out.glob("*")) if holds_a_run(run)]
     if held:  # the step counts planned here would differ from theirs: refuse now, not after measuring
@@ -179,7 +179,7 @@ def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0, compile
     `steps_scale` multiplies every run's steps (to fit a slower or faster machine); `compile` is
     every run's train.compile."""
     from stairscale.config import RunConfig, from_dict
-    from stairscale.train.trainer import refuse_another_run
+    from stairscale.train.checkpoint import refuse_another_run
 
     budget = QUICK if quick else FULL
     started = time.time()

@@ -1,4 +1,5 @@
-"""Checkpoints: written whole or not at all (temporary file, then an atomic rename)."""
+"""The files of a run directory: checkpoints, written whole or not at all (temporary file, then
+an atomic rename), and the rule that a directory holds one run."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 
-from stairscale.errors import CheckpointError
+from stairscale.config import RunConfig, from_dict
+from stairscale.errors import CheckpointError, ConfigError
 
 CHECKPOINT = "checkpoint.pt"
+RESULTS = "results.json"
 
 
 def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
@@ -41,3 +45,36 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     if not isinstance(payload, dict) or "model" not in payload:
         raise CheckpointError(f"checkpoint {path} has no 'model' entry: not a stairscale checkpoint")
     return payload
+
+
+# Keys that change how a run is executed, not what it computes.
+NOT_THE_RUN = ("run_dir", "data.cache", "data.workers", "data.prefetch", "train.threads", "train.log_every")
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in (CHECKPOINT, RESULTS))
+
+
+def refuse_another_run(cfg: RunConfig) -> None:
+    """A run directory holds one run. A run with another config there would overwrite config.yaml
+    at once and the checkpoint and results at its end, leaving the two mixed if it stops early."""
+    run_dir = Path(cfg.run_dir)
+    if not holds_a_run(run_dir):
+        return
+    refuse = f"run_dir: {run_dir} holds another run"
+    try:
+        earlier = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, ConfigError) as err:
+        raise ConfigError(f"{refuse}, whose config.yaml cannot be read ({err}); choose another run_dir or remove that run") from None
+    was, now = _dotted(earlier.to_dict()), _dotted(cfg.to_dict())
+    changed = [key for key in now if was[key] != now[key] and key not in NOT_THE_RUN]
+    if changed:
+        what = ", ".join(f"{key} {was[key]!r} -> {now[key]!r}" for key in changed[:3]) + (", ..." if len(changed) > 3 else "")
+        raise ConfigError(f"{refuse} ({what}); choose another run_dir or remove that run")
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat

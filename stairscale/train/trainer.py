@@ -16,7 +16,7 @@ import yaml
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from stairscale.config import RunConfig, from_dict
+from stairscale.config import RunConfig
 from stairscale.data.lanes import Batch
 from stairscale.data.loader import LaneLoader, LoaderSpec, check_a_shard_per_lane
 from stairscale.data.prepare import build_task, dataset_dir, train_split
@@ -29,19 +29,15 @@ from stairscale.parallel import collectives
 from stairscale.parallel.groups import Layout, check_layout, init_distributed
 from stairscale.parallel.model import build_model, full_state_dict
 from stairscale.train.carried_offset import CarriedOffset
-from stairscale.train.checkpoint import CHECKPOINT, save_checkpoint
+from stairscale.train.checkpoint import RESULTS, refuse_another_run, save_checkpoint
 from stairscale.train.metrics import Tally, headline
 from stairscale.train.optimizer import build_optimizer
 
 
-RESULTS = "results.json"
-
-
 def resolve_device(cfg: RunConfig) -> torch.device:
     if cfg.train.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.train.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.train.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {cfg.train.device!r}, but torch sees no CUDA device here (use auto or cpu)")
     return device
@@ -50,39 +46,6 @@ def resolve_device(cfg: RunConfig) -> torch.device:
 def check_backend(cfg: RunConfig, device: torch.device) -> None:
     if cfg.parallel.backend == "nccl" and device.type != "cuda":
         raise ConfigError(f"parallel.backend: nccl runs on CUDA devices, but train.device {cfg.train.device!r} is the CPU here (use auto or gloo)")
-
-
-# Keys that change how a run is executed, not what it computes.
-NOT_THE_RUN = ("run_dir", "data.cache", "data.workers", "data.prefetch", "train.threads", "train.log_every")
-
-
-def holds_a_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in (CHECKPOINT, RESULTS))
-
-
-def refuse_another_run(cfg: RunConfig) -> None:
-    """A run directory holds one run. A run with another config there would overwrite config.yaml
-    at once and the checkpoint and results at its end, leaving the two mixed if it stops early."""
-    run_dir = Path(cfg.run_dir)
-    if not holds_a_run(run_dir):
-        return
-    refuse = f"run_dir: {run_dir} holds another run"
-    try:
-        earlier = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
-    except (OSError, yaml.YAMLError, ConfigError) as err:
-        raise ConfigError(f"{refuse}, whose config.yaml cannot be read ({err}); choose another run_dir or remove that run") from None
-    was, now = _dotted(earlier.to_dict()), _dotted(cfg.to_dict())
-    changed = [key for key in now if was[key] != now[key] and key not in NOT_THE_RUN]
-    if changed:
-        what = ", ".join(f"{key} {was[key]!r} -> {now[key]!r}" for key in changed[:3]) + (", ..." if len(changed) > 3 else "")
-        raise ConfigError(f"{refuse} ({what}); choose another run_dir or remove that run")
-
-
-def _dotted(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
 
 
 def uses_bf16(cfg: RunConfig, device: torch.device) -> bool:
