@@ -214,7 +214,7 @@ class Dataset:
             self.byte_level = self.manifest["source"].get("tokenizer", "bytes") == "bytes"
             self.token_dtype = np.dtype(self.manifest["token_dtype"])
             self.label_dtype = np.dtype(self.manifest["label_dtype"])
-            self.manifest["splits"]
+            self.splits = self.manifest["splits"]
         self.on_bad_sample = on_bad_sample
         self.skipped: set[str] = set()  # the bad samples this reader skipped (on_bad_sample="skip")
 
@@ -223,17 +223,17 @@ class Dataset:
         """Identifies the data: the hash of all shard checksums."""
         digest = hashlib.sha256()
         with _manifest_entry(self.root / MANIFEST):
-            for split in sorted(self.manifest["splits"]):
-                for shard in self.manifest["splits"][split]["shards"]:
+            for split in sorted(self.splits):
+                for shard in self.splits[split]["shards"]:
                     digest.update(shard["sha256"].encode())
         return digest.hexdigest()[:16]
 
     def shards(self, split: str) -> list[Shard]:
-        if split not in self.manifest["splits"]:
-            raise DataError(f"dataset {self.root}: no split {split!r} (has {', '.join(self.manifest['splits'])})")
+        if split not in self.splits:
+            raise DataError(f"dataset {self.root}: no split {split!r} (has {', '.join(self.splits)})")
         shards = []
         with _manifest_entry(self.root / MANIFEST, f"split {split}"):
-            for i, s in enumerate(self.manifest["splits"][split]["shards"]):
+            for i, s in enumerate(self.splits[split]["shards"]):
                 with _manifest_entry(self.root / MANIFEST, f"split {split}, shard {i}"):
                     shards.append(Shard(split, i, self.root / s["file"], s["first_document"], s["documents"], s["tokens"],
                                         s["sha256"], s["lengths"], s.get("tokens_at"), s.get("labels_at")))
