@@ -6,7 +6,8 @@
 #      at 512 lanes, and at 128 lanes eager against two torch.compile modes, measured in the same
 #      run (a few minutes);
 #   2. the full `reproduce tracking`, fitted to MINUTES, with the fastest mode of step 1.
-# Usage: launch/gpu_check.sh [MINUTES] [OUT]   (default 6 minutes, $OUT or runs/gpu_check)
+# Usage: launch/gpu_check.sh [MINUTES] [OUT]   (default 6 minutes, $OUT or runs/gpu_check; an OUT
+# that already holds a reproduction is refused at step 2, so give each call an empty one)
 # Needs a CUDA device and the package importable with the machine's own torch: PYTHONPATH=. plus
 # webdataset and tensorboard (`pip install -e .` would pull setup.cfg's pinned torch instead).
 set -euo pipefail

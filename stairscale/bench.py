@@ -47,16 +47,18 @@ class StepTimer:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.trainer.writer is not None:
-            self.trainer.writer.close()
-        self.run_dir.cleanup()
-        # Free this config's model, optimizer, compiled code and CUDA graphs before the next one
-        # is measured (the trainer and its batch generator hold each other).
-        del self.trainer, self.batches
-        gc.collect()
-        torch._dynamo.reset()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        try:
+            if self.trainer.writer is not None:
+                self.trainer.writer.close()
+            self.run_dir.cleanup()
+        finally:
+            # Free this config's model, optimizer, compiled code and CUDA graphs before the next
+            # one is measured (the trainer and its batch generator hold each other).
+            del self.trainer, self.batches
+            gc.collect()
+            torch._dynamo.reset()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def step(self) -> None:
         index, batch, states = next(self.batches)

@@ -247,7 +247,7 @@ def target_lines(report: dict) -> list[str]:
 
 def render(report: dict) -> str:
     models = report["models"]
-    lengths = list(next(iter(models.values()))["walk"])
+    lengths = sorted(next(iter(models.values()))["walk"])
     longest = lengths[-1]
     reach = report["txl_reach"]
     lines = [
