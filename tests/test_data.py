@@ -1,6 +1,7 @@
 """Shards, manifest and the lane loader: coverage, exact resume (also across data-parallel sizes
 under torchrun with 2 ranks x 2 workers), and a clear error for each kind of bad data."""
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -20,6 +21,7 @@ from stairscale.config import DataConfig, RunConfig, TaskConfig, TrainConfig
 from stairscale.data.loader import LaneLoader, LoaderSpec
 from stairscale.data.prepare import content_hash, prepare_dataset
 from stairscale.data.shards import MANIFEST, Dataset, Shard
+from stairscale.data.tasks import TextTask
 from stairscale.errors import DataError
 
 LANES, SEGMENT, CHUNK = 4, 16, 4
@@ -439,5 +441,16 @@ def test_bpe_reads_utf8_and_names_a_document_that_is_not(tmp_path):
     manifest = prepare_dataset(RunConfig(task=task, train=TrainConfig(lanes=8)), tmp_path / "ok")
     assert manifest["splits"]["train"]["documents"] >= 8 and manifest["splits"]["valid"]["documents"] == 1  # a piece per training lane
     corpus.write_bytes(b"text, then a byte that is not UTF-8: \xff, then more text" * 20)
-    with pytest.raises(DataError, match="split train, document 0: not UTF-8 text at byte 37"):
+    with pytest.raises(DataError, match=f"{corpus}, the train split: not UTF-8 text at byte 37"):
         prepare_dataset(RunConfig(task=task), tmp_path / "bad")
+    # In a directory, the error names the file.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    empty = next(f"-empty{k}.txt" for k in range(100) if TextTask._split_of(f"-empty{k}.txt") == "train")
+    (folder / empty).write_bytes(b"")  # first in its split and no document: the names must still line up
+    for i in range(40):
+        (folder / f"{i:02d}.txt").write_text(f"plain text {i} " * 20)
+    latin = next(f"{i:02d}.txt" for i in range(40) if TextTask._split_of(f"{i:02d}.txt") == "train")
+    (folder / latin).write_bytes("caf\xe9 in Latin-1".encode("latin-1"))
+    with pytest.raises(DataError, match=f"{folder / latin}: not UTF-8 text at byte 3"):
+        prepare_dataset(RunConfig(task=dataclasses.replace(task, path=str(folder))), tmp_path / "bad_folder")

@@ -9,6 +9,7 @@ import pytest
 from stairscale.data.tasks import (
     IGNORE, AlgorithmicTask, Document, RandomWalkTask, TextTask, Vocab,
 )
+from stairscale.errors import DataError
 
 
 def same_docs(a: list[Document], b: list[Document]) -> bool:
@@ -301,6 +302,33 @@ def test_text_enwik8_format(tmp_path):
     data.tofile(other)
     assert TextTask(path=str(other)).format == "bytes"
     assert len(TextTask(path=str(other), format="enwik8").documents("test")[0].tokens) == 101
+
+
+def test_an_enwik8_file_longer_than_enwik8_is_refused(tmp_path):
+    """Not silently cut at 100M bytes (enwik9 starts like enwik8); auto reads it as plain bytes."""
+    p = tmp_path / "enwik9"
+    with open(p, "wb") as f:
+        f.truncate(100_000_001)  # sparse: no 100 MB written
+    assert TextTask(path=str(p)).format == "bytes"
+    with pytest.raises(DataError, match=f"{p}: 100,000,001 bytes, but the enwik8 format reads 100,000,000"):
+        TextTask(path=str(p), format="enwik8").documents("train")
+
+
+def test_text_files_leave_out_hidden_entries_and_report_what_is_not_a_file(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "object").write_bytes(b"\x78\x9c")
+    (tmp_path / ".hidden").write_text("h")
+    (tmp_path / "linked_file").symlink_to(tmp_path / "a.txt")
+    (tmp_path / "linked_dir").symlink_to(tmp_path / "sub")
+    (tmp_path / "broken").symlink_to(tmp_path / "nothing")
+    os.mkfifo(tmp_path / "pipe")
+    task = TextTask(path=str(tmp_path))
+    assert sorted(f for s in ("train", "valid", "test") for f in task.files(s)) == ["a.txt", "linked_file", "sub/b.txt"]
+    reported = capsys.readouterr().err
+    assert f"3 entries under {tmp_path} are not regular files and are not read: broken, linked_dir, pipe" in reported
 
 
 def test_text_errors(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import sys
 import sysconfig
 import zlib
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stairscale.config import ALGORITHMIC_EVAL_PROGRAMS, TEXT_FORMATS
+from stairscale.errors import DataError
 
 IGNORE = -100
 """Label value meaning "no loss here"."""
@@ -344,7 +346,7 @@ class TextTask:
             if not os.path.isfile(self.path):
                 format = "files"
             else:
-                format = "enwik8" if os.path.basename(self.path).startswith("enwik") else "bytes"
+                format = "enwik8" if os.path.basename(self.path).startswith("enwik8") else "bytes"
         if format in ("bytes", "enwik8") and not os.path.isfile(self.path):
             raise ValueError(f"format {format!r} needs a single file, got path={self.path!r}")
         self.format = format
@@ -363,6 +365,12 @@ class TextTask:
             if len(data):
                 docs.append(self._document(np.frombuffer(data, dtype=np.uint8)))
         return docs
+
+    def sources(self, split: str) -> list[str]:
+        """Where each of documents(split) comes from, for error messages."""
+        if self.format != "files":
+            return [f"{self.path}, the {split} split"]
+        return [os.path.join(self.path, rel) for rel in self.files(split) if os.path.getsize(os.path.join(self.path, rel))]
 
     def files(self, split: str) -> list[str]:
         """Relative paths (sorted) of the split's files, format "files" only; empty files included."""
@@ -395,6 +403,9 @@ class TextTask:
     def _byte_range(self, split: str) -> Document:
         size = os.path.getsize(self.path)
         cuts = self.ENWIK8_CUTS
+        if self.format == "enwik8" and size > cuts[-1]:
+            raise DataError(f"{self.path}: {size:,} bytes, but the enwik8 format reads {cuts[-1]:,} "
+                            "(task.format=bytes splits a file of any size 90/5/5)")
         if self.format == "bytes" or size < cuts[-1]:
             cuts = tuple(size * c // cuts[-1] for c in cuts)
         bounds = (0,) + cuts
@@ -404,18 +415,26 @@ class TextTask:
         return self._document(data[bounds[i]:bounds[i + 1]])
 
     def _list_files(self) -> list[str]:
-        """Relative posix paths of the files under ``path``, sorted."""
+        """Relative posix paths of the files under ``path``, sorted. Hidden files and directories
+        (a name starting with a dot, such as .git) are left out; any other entry that is not a
+        regular file (a link to a directory, a broken link, a pipe) is reported, not read."""
         if os.path.isfile(self.path):
             return [os.path.basename(self.path)]
-        found = []
-        for root, dirs, names in os.walk(self.path):
-            if self.stdlib:
-                dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages")]
-                names = [n for n in names if n.endswith(".py")]
-            for name in names:
+
+        def unreadable(err: OSError):
+            raise DataError(f"task.path {self.path}: cannot list {err.filename}: {err.strerror}")
+
+        found, other = [], []
+        for root, dirs, names in os.walk(self.path, onerror=unreadable):
+            dirs[:] = [d for d in dirs if not d.startswith(".") and not (self.stdlib and d in ("site-packages", "dist-packages"))]
+            names = [n for n in names if not n.startswith(".") and (not self.stdlib or n.endswith(".py"))]
+            linked = [d for d in dirs if os.path.islink(os.path.join(root, d))]  # os.walk does not enter them
+            for name in names + linked:
                 full = os.path.join(root, name)
-                if os.path.isfile(full):
-                    found.append(os.path.relpath(full, self.path).replace(os.sep, "/"))
+                (found if os.path.isfile(full) else other).append(os.path.relpath(full, self.path).replace(os.sep, "/"))
+        if other:
+            print(f"stairscale: {len(other)} entries under {self.path} are not regular files and are not read: "
+                  f"{', '.join(sorted(other)[:5])}{', ...' if len(other) > 5 else ''}", file=sys.stderr, flush=True)
         return sorted(found)
 
     @staticmethod
