@@ -165,6 +165,21 @@ def test_zero_in_one_process_started_without_a_launcher(config, single, tmp_path
     assert got["bf16"][0][0]["loss"] != single["staircase"][0][0]["loss"]  # bf16 did round differently
 
 
+def test_ranks_that_read_different_data_refuse_to_train(config, tmp_path):
+    """Nodes without a shared filesystem prepare their own datasets: a difference is an error
+    naming each rank's fingerprint, on every rank, before any training."""
+    from stairscale.data.prepare import prepare_dataset
+
+    for rank in (0, 1):
+        prepare_dataset(load_config(config, [f"task.seed={rank}"]), tmp_path / str(rank))
+    plan = [[str(config), str(tmp_path / "run"), [f"data.dir={tmp_path}/{{rank}}"]]]
+    (tmp_path / "runs.json").write_text(json.dumps(plan))
+    done = subprocess.run(torchrun(2, str(RUNS), str(tmp_path / "runs.json")), capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
+    assert done.returncode != 0
+    assert done.stderr.count("the ranks read different data (fingerprints rank 0: ") == 2, done.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_data_parallel_with_every_zero_stage_and_gradient_accumulation(config, single, tmp_path):
     runs = {f"zero{z}_accum{a}": [f"parallel.zero_stage={z}", f"train.grad_accum={a}"] for z in range(4) for a in (1, 2)}
     runs["carried_offset_accum2"] = [*VARIANTS["carried_offset"], "train.grad_accum=2"]

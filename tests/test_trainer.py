@@ -81,6 +81,13 @@ def test_a_text_file_is_cut_into_splits_and_an_empty_split_fails_before_training
     assert not (tmp_path / "files" / "run").exists()
 
 
+def test_a_split_with_nothing_to_predict_fails_before_training(tmp_path, tiny):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_bytes(b"0123456789")  # cut 90/5/5 by bytes: the valid split gets no byte, only its start token
+    with pytest.raises(DataError, match="split valid has nothing to predict"):
+        Trainer(tiny(tmp_path, "task.name=text", f"task.path={corpus}"), quiet=True)
+
+
 def test_loss_decreases_on_the_random_walk(tmp_path, tiny):
     cfg = tiny(tmp_path, "train.steps=60", "train.lr=0.01", "train.warmup_steps=5", "task.train_lengths=[16]",
                "task.train_length_steps=[0]", "task.eval_length=16", "train.eval_every=0")

@@ -161,6 +161,10 @@ def content_hash(cfg: RunConfig) -> str:
     if cfg.task.name == "text":  # the same config over a changed corpus makes another dataset
         content["source"] = build_task(cfg.task).fingerprint()
         content["lanes"] = cfg.train.lanes  # a split with fewer texts than lanes is cut into one piece per lane
+    if cfg.task.tokenizer == "bpe":  # another version of `tokenizers` may learn another vocabulary
+        import tokenizers
+
+        content["tokenizers"] = tokenizers.__version__
     content["sharding"] = cfg.data.shard_docs or f"{shards_per_split(cfg)} shards"
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -176,8 +180,16 @@ def dataset_dir(cfg: RunConfig, log=_to_stderr) -> Path:
     path = Path(cfg.data.cache).expanduser() / f"{cfg.task.name}-{content_hash(cfg)}"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs of one task prepare it once
+        try:  # concurrent runs of one task prepare it once
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process preparing {path}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if not (path / MANIFEST).is_file():
             log(f"preparing the {cfg.task.name} dataset in {path}")
-            prepare_dataset(cfg, path)
+            try:
+                prepare_dataset(cfg, path)
+            except DataError:
+                if not (path / MANIFEST).is_file():  # unless a process the lock did not stop wrote it meanwhile
+                    raise
     return path

@@ -54,13 +54,18 @@ def write_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():  # an earlier dataset: swap the new one in, then delete the old one
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-        os.replace(out_dir, old / "dataset")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+    try:
+        if out_dir.exists():  # an earlier dataset: swap the new one in, then delete the old one
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, old / "dataset")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except OSError as err:  # another writer got there first (a lock that does not hold across nodes)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"dataset {out_dir} could not be put in place, another process may have written it at the same "
+                        f"time: {err}") from err
     return manifest
 
 

@@ -1,10 +1,12 @@
-"""The few reductions the trainer needs over the data-parallel ranks (no-ops in one process)."""
+"""The few collectives the trainer needs: reductions over the data-parallel ranks (no-ops in one
+process), and a check that every rank read the same data."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from stairscale.errors import DataError
 from stairscale.parallel.groups import Layout
 from stairscale.train.metrics import Tally
 
@@ -15,6 +17,19 @@ def _data_parallel_group():
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group_gloo()
+
+
+def check_same_data(fingerprint: str, root: str, layout: Layout) -> None:
+    """Every rank prepares or opens its dataset on its own (nodes may not share a filesystem):
+    refuse to train when they differ, rather than train on mismatched lanes."""
+    if not layout.distributed:
+        return
+    everyone = [None] * layout.world
+    dist.all_gather_object(everyone, fingerprint)
+    if len(set(everyone)) > 1:
+        by_rank = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(everyone))
+        raise DataError(f"dataset {root}: the ranks read different data (fingerprints {by_rank}); "
+                        "give every node the same corpus and versions, or one prepared data.dir")
 
 
 def sum_over_data_parallel(value: int | float | torch.Tensor, layout: Layout) -> int | float | torch.Tensor:

@@ -145,12 +145,16 @@ class Trainer:
         self.quiet = quiet or not self.layout.reports
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
+        collectives.check_same_data(self.dataset.fingerprint, str(self.data_root), self.layout)
         training = [train_split(cfg.task, i) for i in range(cfg.task.stages)]
         for split in [*training, "valid", "test"]:  # fail now, not after training
             shards = self.dataset.shards(split)
             if not shards:
                 raise DataError(f"dataset {self.data_root}: split {split} has no documents; a run trains on its train "
                                 "split(s) and is scored on valid and test")
+            if not self.dataset.labelled and sum(s.tokens - s.documents for s in shards) == 0:
+                raise DataError(f"dataset {self.data_root}: split {split} has nothing to predict (its documents "
+                                "hold only their start token)")
             if split in training:
                 check_a_shard_per_lane(str(self.data_root), split, shards, cfg.train.lanes)
         self.labelled = self.dataset.labelled

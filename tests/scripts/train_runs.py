@@ -1,7 +1,7 @@
 """Train several tiny runs one after the other in one launch (one set of process groups).
 
 Usage: torchrun --nproc_per_node=N train_runs.py RUNS.json, where RUNS.json is a list of
-[config file, run_dir, [key=value, ...]]. Each run is `stairscale train` in-process. Each rank
+[config file, run_dir, [key=value, ...]] ("{rank}" in a value becomes the process's rank). Each run is `stairscale train` in-process. Each rank
 also writes what it held and read to run_dir/rank<N>.json (its layout, the lanes of every batch
 it trained on, the shapes of its parameters, how many parameter and master-weight elements it
 stored), so that the tests can check that
@@ -77,5 +77,6 @@ if __name__ == "__main__":
     if os.environ.get("ONE_HANDLE_PER_BATCH"):
         one_handle_per_batch()
     for config, run_dir, overrides in json.load(open(sys.argv[1])):
+        overrides = [o.replace("{rank}", os.environ.get("RANK", "0")) for o in overrides]  # per-rank values
         train_and_record(Trainer(load_config(config, [*overrides, f"run_dir={run_dir}"]), quiet=True), Path(run_dir))
     shutdown()
