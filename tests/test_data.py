@@ -443,6 +443,8 @@ def test_bpe_reads_utf8_and_names_a_document_that_is_not(tmp_path):
     corpus.write_bytes(b"text, then a byte that is not UTF-8: \xff, then more text" * 20)
     with pytest.raises(DataError, match=f"{corpus}, the train split: not UTF-8 text at byte 37"):
         prepare_dataset(RunConfig(task=task), tmp_path / "bad")
+    with pytest.raises(DataError, match=f"{corpus}: not UTF-8 text at byte 37"):  # the one file as one document
+        prepare_dataset(RunConfig(task=dataclasses.replace(task, format="files")), tmp_path / "bad_file")
     # In a directory, the error names the file.
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -54,18 +54,22 @@ def write_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-")) if out_dir.exists() else None
     try:
-        if out_dir.exists():  # an earlier dataset: swap the new one in, then delete the old one
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        if old:  # an earlier dataset: swap the new one in, then delete the old one
             os.replace(out_dir, old / "dataset")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        os.replace(tmp, out_dir)
     except OSError as err:  # another writer got there first (a lock that does not hold across nodes)
         shutil.rmtree(tmp, ignore_errors=True)
+        kept = ""
+        if old and (old / "dataset").exists():
+            kept = f"; the earlier dataset is in {old / 'dataset'}"
+        elif old:
+            shutil.rmtree(old, ignore_errors=True)
         raise DataError(f"dataset {out_dir} could not be put in place, another process may have written it at the same "
-                        f"time: {err}") from err
+                        f"time: {err}{kept}") from err
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 

@@ -321,10 +321,10 @@ class TextTask:
     is ONE document.
 
     format "enwik8": as "bytes", at the enwik8 benchmark's cuts: bytes [0, 90M), [90M, 95M),
-    [95M, 100M). A file shorter than 100,000,000 bytes is cut in the 90/5/5 proportions; bytes
-    past the first 100,000,000 of a longer file are unused.
+    [95M, 100M). A file shorter than 100,000,000 bytes is cut in the 90/5/5 proportions; a longer
+    one is refused (enwik9 is not cut silently).
 
-    format "auto": "files" for a directory, "enwik8" for a file whose name starts with "enwik",
+    format "auto": "files" for a directory, "enwik8" for a file whose name starts with "enwik8",
     "bytes" for any other file.
     """
 
@@ -370,7 +370,8 @@ class TextTask:
         """Where each of documents(split) comes from, for error messages."""
         if self.format != "files":
             return [f"{self.path}, the {split} split"]
-        return [os.path.join(self.path, rel) for rel in self.files(split) if os.path.getsize(os.path.join(self.path, rel))]
+        full = [self._full(rel) for rel in self.files(split)]
+        return [path for path in full if os.path.getsize(path)]
 
     def files(self, split: str) -> list[str]:
         """Relative paths (sorted) of the split's files, format "files" only; empty files included."""
@@ -442,8 +443,11 @@ class TextTask:
         bucket = zlib.crc32(rel.encode("utf-8", "surrogateescape")) % 100
         return "train" if bucket < 90 else "valid" if bucket < 95 else "test"
 
+    def _full(self, rel: str) -> str:
+        return self.path if os.path.isfile(self.path) else os.path.join(self.path, rel)
+
     def _read(self, rel: str) -> bytes:
-        full = self.path if os.path.isfile(self.path) else os.path.join(self.path, rel)
+        full = self._full(rel)
         try:
             with open(full, "rb") as f:
                 return f.read()
