@@ -8,9 +8,8 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 
-from stairscale.config import RunConfig, from_dict
+from stairscale.config import RunConfig, load_config
 from stairscale.errors import CheckpointError, ConfigError
 
 CHECKPOINT = "checkpoint.pt"
@@ -63,8 +62,8 @@ def refuse_another_run(cfg: RunConfig) -> None:
         return
     refuse = f"run_dir: {run_dir} holds another run"
     try:
-        earlier = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
-    except (OSError, yaml.YAMLError, ConfigError) as err:
+        earlier = load_config(run_dir / "config.yaml")
+    except ConfigError as err:
         raise ConfigError(f"{refuse}, whose config.yaml cannot be read ({err}); choose another run_dir or remove that run") from None
     was, now = _dotted(earlier.to_dict()), _dotted(cfg.to_dict())
     changed = [key for key in now if was[key] != now[key] and key not in NOT_THE_RUN]
