@@ -9,5 +9,7 @@ BIN=${BIN:-$(dirname "$0")/../.venv/bin}
 ARGS=()
 if [[ -n "${HOSTFILE:-}" ]]; then ARGS=(--hostfile "$HOSTFILE"); fi
 if [[ -n "${NUM_GPUS:-}" || -z "${HOSTFILE:-}" ]]; then ARGS+=(--num_gpus "${NUM_GPUS:-2}"); fi
+# The runner takes the first host's address from `hostname -I` there unless told; MASTER_ADDR tells it.
+if [[ -n "${MASTER_ADDR:-}" ]]; then ARGS+=(--master_addr "$MASTER_ADDR"); fi
 exec "$BIN/deepspeed" "${ARGS[@]}" --master_port "${MASTER_PORT:-29500}" \
     --no_local_rank --module stairscale.cli train "$@"

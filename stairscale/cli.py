@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from stairscale.config import COMPILE_MODES, load_config
 from stairscale.errors import CheckpointError, ConfigError, DataError, RunFailed
+from stairscale.parallel.launchers import abort_mpi_launch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("--compile", default="none", choices=COMPILE_MODES, help="train.compile of every run")
 
     args = parser.parse_args(argv)
+    try:
+        exit_code = run_command(args)
+    except Exception:
+        abort_mpi_launch(1, traceback.format_exc())
+        raise
+    if exit_code:
+        abort_mpi_launch(exit_code)
+    return exit_code
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run one subcommand; the errors stairscale names are printed without a traceback."""
     try:
         if args.command == "train":
             from stairscale.train.trainer import Trainer

@@ -51,11 +51,14 @@ class ModelConfig:
     activation_checkpointing: bool = False  # recompute each core call in backward instead of storing it
 
     @property
+    def is_staircase(self) -> bool:
+        """Staircase, Cached or Global Cached: chunked steps over a window, state carried without bound."""
+        return self.schedule in ("staircase", "cached", "global_cached")
+
+    @property
     def passes(self) -> int:
         """Core passes per token."""
-        if self.schedule in ("staircase", "cached", "global_cached"):
-            return self.window
-        return self.repeats
+        return self.window if self.is_staircase else self.repeats
 
     def validate(self, segment_len: int) -> None:
         need = _checker("model")
@@ -73,8 +76,7 @@ class ModelConfig:
         need(self.positions != "rope" or head_dim % 2 == 0, "positions", f"rope needs an even head_dim, got {head_dim}")
         for key in ("dropout", "attn_dropout"):
             need(0.0 <= getattr(self, key) < 1.0, key, "must be in [0, 1)")
-        staircase = self.schedule in ("staircase", "cached", "global_cached")
-        if staircase:
+        if self.is_staircase:
             need(segment_len % self.chunk == 0, "chunk", f"segment length M={segment_len} is not a multiple of F={self.chunk}")
             window_rows = self.chunk * self.window
             need(self.attn_lim >= window_rows, "attn_lim", f"{self.attn_lim} is shorter than the window n*F={window_rows}")

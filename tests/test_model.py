@@ -37,7 +37,7 @@ def stream(lanes=3, length=48, seed=1):
 
 
 def run_segments(model, tokens, starts, lengths):
-    state = model.initial_state(tokens.shape[0])
+    state = RecurrentState.initial(tokens.shape[0])
     outputs, begin = [], 0
     for length in lengths:
         out, state = model.logprobs(tokens[:, begin : begin + length], starts[:, begin : begin + length], state)
@@ -147,7 +147,7 @@ def test_every_token_gets_one_loss_term_from_its_final_pass():
     head_rows = []
     model.head.proj.register_forward_hook(lambda module, args, out: head_rows.append(out.shape[:2]))
     model.core.calls = 0
-    logprobs, _ = model.logprobs(tokens, starts, model.initial_state(2))
+    logprobs, _ = model.logprobs(tokens, starts, RecurrentState.initial(2))
     assert head_rows == [torch.Size([2, 16])]  # the head sees each token once
     assert model.core.calls == 16 // 4 + 3 - 1  # M/F + n - 1 sequential core calls
     # The row given to the head is the n-th pass: it matches the definition only at pass n.
@@ -210,7 +210,7 @@ def test_schedules_know_each_calls_rows_in_advance(name, length):
     tokens, starts = stream(lanes=2, length=length)
     rows = []
     model.core.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[1]))
-    model.logprobs(tokens, starts, model.initial_state(2))
+    model.logprobs(tokens, starts, RecurrentState.initial(2))
     schedule = make_schedule(model.cfg)
     assert rows == [schedule.rows(step, length) for step in range(schedule.count(length))]
 
@@ -229,7 +229,7 @@ def test_causality(positions):
             return out
 
         hook = model.embed.register_forward_hook(capture)
-        logprobs, _ = model.logprobs(tokens, starts, model.initial_state(1))
+        logprobs, _ = model.logprobs(tokens, starts, RecurrentState.initial(1))
         hook.remove()
         for t in range(16):
             (grad,) = torch.autograd.grad(logprobs[0, t].max(), captured[0], retain_graph=True)
@@ -255,8 +255,8 @@ def test_document_equals_fresh_model(name, positions):
 def test_reset_forgets_carried_rows():
     model = make_model(**STATEFUL["staircase_n2"])
     tokens, starts = stream(lanes=2, length=16)
-    _, state = model.logprobs(tokens, starts, model.initial_state(2))
-    fresh, _ = model.logprobs(tokens, starts, model.initial_state(2))
+    _, state = model.logprobs(tokens, starts, RecurrentState.initial(2))
+    fresh, _ = model.logprobs(tokens, starts, RecurrentState.initial(2))
     reset = state.reset(torch.tensor([True, False]))
     no_starts = torch.zeros_like(starts)
     out, _ = model.logprobs(tokens, no_starts, reset)
@@ -287,7 +287,7 @@ def test_staircase_n1_is_a_chunked_transformer(positions):
 def test_state_dict_round_trip():
     model = make_model(**STATEFUL["cached"])
     tokens, starts = stream(length=16)
-    _, state = model.logprobs(tokens, starts, model.initial_state(3))
+    _, state = model.logprobs(tokens, starts, RecurrentState.initial(3))
     restored = RecurrentState.initial(3)
     restored.load_state_dict({k: v.clone() for k, v in state.state_dict().items()})
     a, _ = model.logprobs(tokens, starts * False, state)
@@ -323,7 +323,7 @@ def test_a_train_step_never_waits_for_the_device(name):
     model = make_model(**STATEFUL[name]).train()
     tokens, starts = stream(length=24)
     starts[1, 12] = True
-    state = model.initial_state(3)
+    state = RecurrentState.initial(3)
     with HostReads() as reads:
         for segment in (slice(0, 8), slice(8, 16), slice(16, 24)):
             scores, state = model(tokens[:, segment], starts[:, segment], tokens[:, segment], state)
@@ -338,7 +338,7 @@ def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
         layer_calls = []
         model.core.layers["0"].register_forward_hook(lambda *_: layer_calls.append(torch.is_grad_enabled()))
         tokens, starts = stream(length=16)
-        state = model.initial_state(3)
+        state = RecurrentState.initial(3)
         for segment in (slice(0, 8), slice(8, 16)):
             logprobs, state = model.logprobs(tokens[:, segment], starts[:, segment], state)
             forward_calls = len(layer_calls)
@@ -354,7 +354,7 @@ def train_segments(model, lengths=(8, 8, 8)):
     """Log-probs and gradients of a few segments, each back-propagated on its own."""
     tokens, starts = stream(length=sum(lengths))
     starts[1, 12] = True
-    state, outputs, begin = model.initial_state(3), [], 0
+    state, outputs, begin = RecurrentState.initial(3), [], 0
     for length in lengths:
         logprobs, state = model.logprobs(tokens[:, begin : begin + length], starts[:, begin : begin + length], state)
         logprobs.sum().backward()

@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from stairscale.cli import evaluate_run
 from stairscale.config import load_config
 from stairscale.errors import ConfigError
+from stairscale.parallel.launchers import launch_environment
 from stairscale.parallel.pipeline import stage_layers
 from stairscale.train.trainer import Trainer
 
@@ -243,10 +244,12 @@ def test_launchers_run_a_layout_from_the_config_and_record_it(launcher, config, 
     overrides, script = LAUNCHES[launcher]
     args = ["--config", str(config), "--set", f"run_dir={tmp_path / 'run'}", *[f"--set={o}" for o in overrides]]
     variables = {**env(), "BIN": str(Path(sys.executable).parent), "MASTER_PORT": free_port()}
+    if launcher == "mpirun":  # inside a SLURM allocation (hydra may start its proxies with srun): MPI decides
+        variables.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", MASTER_ADDR="127.0.0.1")
     if launcher == "srun":  # no SLURM here: start the two tasks as srun would, with its variables
         tasks = [subprocess.Popen([sys.executable, "-m", "stairscale.cli", "train", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                                  env={**variables, "SLURM_PROCID": str(i), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(i),
-                                       "MASTER_ADDR": "127.0.0.1"}) for i in range(2)]
+                                  env={**variables, "SLURM_PROCID": str(i), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+                                       "SLURM_LOCALID": str(i), "MASTER_ADDR": "127.0.0.1"}) for i in range(2)]
         errors = [task.communicate(timeout=600)[1] for task in tasks]
         assert all(task.returncode == 0 for task in tasks), errors[0][-4000:] + errors[1][-4000:]
     else:
@@ -259,6 +262,45 @@ def test_launchers_run_a_layout_from_the_config_and_record_it(launcher, config, 
     # The parallel run's own test score equals one process scoring its gathered checkpoint.
     parallel_test = json.loads((tmp_path / "run" / "results.json").read_text())["test"]
     assert evaluate_run(str(tmp_path / "run"), "test")["loss"] == pytest.approx(parallel_test["loss"], rel=TOL)
+
+
+def test_a_rank_that_fails_under_mpirun_ends_the_launch(config, tmp_path):
+    """mpirun ends the others only when a rank dies, not when it exits with an error: a failing rank
+    aborts the launch, instead of leaving the other ranks waiting for it (here in the rendezvous)."""
+    train = [sys.executable, "-m", "stairscale.cli", "train", "--config", str(config), "--set", f"run_dir={tmp_path / 'run'}",
+             "--set", "parallel.tensor=2"]
+    mpirun = [str(Path(sys.executable).parent / "mpirun"), "-n", "1", *train, ":", "-n", "1", *train, "--set", "train.steps=-1"]
+    launch = subprocess.Popen(mpirun, cwd=ROOT, env=env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = launch.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, 9)
+        raise AssertionError("rank 0 still waits two minutes after rank 1 failed") from None
+    assert launch.returncode != 0 and "train.steps: must be >= 1, got -1" in stderr, stderr[-3000:]
+
+
+def test_launches_that_cannot_work_are_refused_with_the_reason(config, tmp_path):
+    train = [sys.executable, "-m", "stairscale.cli", "train", "--config", str(config), "--set", f"run_dir={tmp_path / 'run'}"]
+    # Open MPI's mpirun started this process, but the venv's mpi4py (MPICH) sees one process of one.
+    done = subprocess.run(train, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**env(), "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"})
+    assert done.returncode == 2 and "mpi4py's MPI (MPICH, from the venv) sees one process" in done.stderr, done.stderr[-3000:]
+    # torchrun on several nodes needs the first node's address.
+    variables = {**env(), "BIN": str(Path(sys.executable).parent), "NNODES": "2", "NODE_RANK": "1"}
+    variables.pop("MASTER_ADDR", None)
+    done = subprocess.run([str(ROOT / "launch/torchrun.sh"), "--config", str(config)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, env=variables)
+    assert done.returncode == 2 and "NNODES=2 needs MASTER_ADDR" in done.stderr, done.stderr
+
+
+def test_slurm_variables_outside_an_srun_step_leave_one_process(monkeypatch):
+    """A batch script or salloc shell has SLURM_PROCID and SLURM_NTASKS, but no step: a process
+    started there without a launcher is a single process, not rank 0 of a world of 8."""
+    for key in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "PMIX_RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert launch_environment.__wrapped__() == ("single", 0, 1)
 
 
 def test_pipeline_benchmark_compares_micro_batch_counts(config, tmp_path):

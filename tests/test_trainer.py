@@ -294,7 +294,7 @@ def test_tally_counts_errors_by_position_across_batches_of_growing_positions():
     from stairscale.train.metrics import Tally
 
     gen = torch.Generator().manual_seed(0)
-    tally, expected_errors, expected_count = Tally(labelled=True), torch.zeros(40, dtype=torch.long), torch.zeros(40, dtype=torch.long)
+    tally, expected_errors, expected_count = Tally(labelled=True, byte_level=False), torch.zeros(40, dtype=torch.long), torch.zeros(40, dtype=torch.long)
     for longest in (10, 40, 25):  # the second batch reaches further along its documents
         doc_pos = torch.randint(0, longest, (3, 8), generator=gen)
         targets = torch.randint(0, 4, (3, 8), generator=gen).masked_fill(torch.rand(3, 8, generator=gen) < 0.3, IGNORE)

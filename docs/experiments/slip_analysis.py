@@ -17,6 +17,7 @@ import torch
 from stairscale.config import load_config
 from stairscale.data.prepare import build_task
 from stairscale.model.lm import StaircaseLM
+from stairscale.model.state import RecurrentState
 from stairscale.train.checkpoint import load_checkpoint
 
 
@@ -33,7 +34,7 @@ def predictions(run_dir: str, length: int, docs: int, after_segment=None) -> tup
     model = StaircaseLM(cfg.model, len(task.vocab), task.vocab.pad_id)
     model.load_state_dict(load_checkpoint(run_dir)["model"])
     model.eval()
-    state, predicted = model.initial_state(docs), []
+    state, predicted = RecurrentState.initial(docs), []
     with torch.no_grad():
         for start in range(0, length, cfg.train.segment_len):
             piece = slice(start, start + cfg.train.segment_len)

@@ -25,11 +25,13 @@ class AttentionGeometry:
     """What every layer of one core call needs to know about query/key placement."""
 
     visible: Tensor  # [B, 1, Tq, Tk] bool
-    relative_index: Tensor | None  # [Tq, Tk] column of the relative table for each pair
-    rope: tuple[Tensor, Tensor] | None  # cos, signed sin [Tk, head_dim] of the keys; queries are the last Tq keys
+    rope: tuple[Tensor, Tensor] | None = None  # cos, signed sin [Tk, head_dim] of the keys; queries are the last Tq keys
+    relative_table: Tensor | None = None  # [head_dim, attn_lim] the learned table
+    relative_index: Tensor | None = None  # [Tq, Tk] column of the table for each query/key pair
 
 
-def attention_geometry(cfg: ModelConfig, q_pos: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor) -> AttentionGeometry:
+def attention_geometry(cfg: ModelConfig, q_pos: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
+                       relative_table: Tensor | None) -> AttentionGeometry:
     """Causal, span-limited, document-masked visibility, plus the position encoding inputs.
 
     A query sees a key of the same document at distance 0 <= d < attn_lim. Every query also sees
@@ -41,14 +43,12 @@ def attention_geometry(cfg: ModelConfig, q_pos: Tensor, q_doc: Tensor, k_pos: Te
     context = k_pos.shape[0] - q_pos.shape[0]
     is_self = torch.zeros_like(in_span)
     is_self[:, context:] = torch.eye(q_pos.shape[0], dtype=torch.bool, device=q_pos.device)
-    visible = (same_doc & in_span) | is_self
-    geometry = AttentionGeometry(visible[:, None], None, None)
+    visible = ((same_doc & in_span) | is_self)[:, None]
     if cfg.positions == "relative":
         # The authors' layout: distance d lives in column attn_lim - 1 - d.
-        geometry.relative_index = (cfg.attn_lim - 1 - distance).clamp(0, cfg.attn_lim - 1)
-    else:
-        geometry.rope = _rope_tables(k_pos - k_pos[0], cfg.d_model // cfg.n_heads)
-    return geometry
+        index = (cfg.attn_lim - 1 - distance).clamp(0, cfg.attn_lim - 1)
+        return AttentionGeometry(visible, relative_table=relative_table, relative_index=index)
+    return AttentionGeometry(visible, rope=_rope_tables(k_pos - k_pos[0], cfg.d_model // cfg.n_heads))
 
 
 def _rope_tables(offsets: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
@@ -87,19 +87,19 @@ class Attention(nn.Module):
         batch, rows, width = x.shape
         return x.view(batch, rows, width // self.head_dim, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: Tensor, kv: Tensor, geometry: AttentionGeometry, relative_table: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, kv: Tensor, geometry: AttentionGeometry) -> Tensor:
         q, k, v = self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv))
-        mask = geometry.visible
+        attn_mask = geometry.visible
         if geometry.rope is not None:
             q, k = _rotate(q, geometry.rope), _rotate(k, geometry.rope)
-        if relative_table is not None:
+        if geometry.relative_table is not None:
             # score = (q.k + q.p_d) / sqrt(head_dim): add q.p_d as a bias scaled like q.k.
-            q_p = torch.matmul(q, relative_table.to(q.dtype))  # [B, H, Tq, attn_lim]
+            q_p = torch.matmul(q, geometry.relative_table.to(q.dtype))  # [B, H, Tq, attn_lim]
             index = geometry.relative_index.expand(*q_p.shape[:2], -1, -1)
             bias = q_p.gather(-1, index) / math.sqrt(self.head_dim)
-            mask = bias.masked_fill(~mask, float("-inf"))
+            attn_mask = bias.masked_fill(~attn_mask, float("-inf"))
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         batch, heads, rows, head_dim = out.shape
         return self.o(out.transpose(1, 2).reshape(batch, rows, heads * head_dim))
 
@@ -125,10 +125,10 @@ class CoreLayer(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.ffn = FeedForward(cfg, linears)
 
-    def forward(self, x: Tensor, context: Tensor | None, geometry: AttentionGeometry, relative_table: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None, geometry: AttentionGeometry) -> Tensor:
         kv = x if context is None else torch.cat([context, x], dim=1)
         kv = self.norm1(kv)
-        h = x + self.attn(kv[:, -x.shape[1]:], kv, geometry, relative_table)
+        h = x + self.attn(kv[:, -x.shape[1]:], kv, geometry)
         return h + self.ffn(self.norm2(h))
 
 
@@ -145,14 +145,16 @@ class Core(nn.Module):
         # One table of shape head_dim x attn_lim shared by all heads, layers and steps.
         self.relative = nn.Parameter(torch.randn(head_dim, cfg.attn_lim) * head_dim**-0.5) if cfg.positions == "relative" else None
         self.read_by_every_head = linears.read_by_every_head
-        self.calls = 0  # core calls made, for the cost accounting and tests
+        self.calls = 0  # sequential core calls made (tests count them against M/F + n - 1)
         self.run_layers = self._layers  # or its compiled version (compile_calls)
 
     def compile_calls(self, mode: str = "default", backend: str = "inductor") -> None:
         """Compile what one core call computes, one graph for each shape of call a schedule makes
         (a handful per segment). Meant for the GPU, where an eager call is a hundred-odd small
         kernel launches (docs/benchmarks.md: measured on the CPU only so far)."""
-        # A filling cache makes one more shape per chunk it holds.
+        # Calls differ in rows and context (a stream's first steps, drain steps), lanes (training,
+        # evaluation) and grad mode: a few dozen graphs, for which 64 leaves room. A filling cache
+        # makes one more shape per chunk it holds.
         shapes = 64 + self.cfg.cache_len // self.cfg.chunk
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager in silence
@@ -179,11 +181,11 @@ class Core(nn.Module):
     def _layers(self, x: Tensor, pos: Tensor, doc: Tensor, context: Rows | None) -> tuple[Tensor, Tensor]:
         k_pos = pos if context is None else torch.cat([context.pos, pos])
         k_doc = doc if context is None else torch.cat([context.doc, doc], dim=1)
-        geometry = attention_geometry(self.cfg, pos, doc, k_pos, k_doc)
         relative = None if self.relative is None else self.read_by_every_head(self.relative)
+        geometry = attention_geometry(self.cfg, pos, doc, k_pos, k_doc, relative)
         inputs = []
         for index, layer in enumerate(self.layers.values()):
             inputs.append(x)
             layer_context = None if context is None else context.h[min(index, context.h.shape[0] - 1)]
-            x = layer(x, layer_context, geometry, relative)
+            x = layer(x, layer_context, geometry)
         return x, torch.stack(inputs)

@@ -36,9 +36,6 @@ class StaircaseLM(nn.Module):
                 layer.ffn.fc2.weight.mul_(scale)
                 layer.ffn.fc2.bias.mul_(scale)
 
-    def initial_state(self, lanes: int, device: torch.device | str = "cpu") -> RecurrentState:
-        return RecurrentState.initial(lanes, device)
-
     def forward(self, tokens: Tensor, doc_start: Tensor, targets: Tensor, state: RecurrentState) -> tuple[Scores, RecurrentState]:
         """Per-token scores of `targets` for one segment of every lane, and the state to carry on.
 

@@ -132,6 +132,6 @@ class LadderSchedule:
 
 
 def make_schedule(cfg: ModelConfig) -> StaircaseSchedule | LadderSchedule:
-    if cfg.schedule in ("staircase", "cached", "global_cached"):
+    if cfg.is_staircase:
         return StaircaseSchedule(cfg)
     return LadderSchedule(cfg)

@@ -18,6 +18,7 @@ from torch import nn
 
 from stairscale.config import RunConfig
 from stairscale.parallel.groups import Layout
+from stairscale.parallel.tensor import is_sharded
 
 
 class MegatronGroups:
@@ -27,6 +28,8 @@ class MegatronGroups:
     get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
     get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
     get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    # DeepSpeed counts a tensor that is not tensor-parallel (e.g. a LayerNorm weight) only where
+    # this rank is 0; replicated tensors are replicated over the tensor ranks, so the tensor rank.
     get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
     get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
     get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
@@ -111,7 +114,7 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     squares = torch.zeros((), dtype=torch.float64, device=params[0].device)  # nccl reduces device tensors
     for p in params:
-        counted = getattr(p, "tensor_model_parallel", False) or tp_rank == 0
+        counted = is_sharded(p) or tp_rank == 0
         if p.grad is not None and counted and not getattr(p, "ds_pipe_replicated", False):
             squares += p.grad.detach().double().pow(2).sum()
     torch.distributed.all_reduce(squares, group=parallel_state.get_model_parallel_group())

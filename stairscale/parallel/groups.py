@@ -1,18 +1,12 @@
-"""Process groups, made in one place for every launcher.
-
-torchrun and the deepspeed launcher set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; under srun
-the rank and size come from SLURM_PROCID and SLURM_NTASKS (launch/slurm.sbatch sets MASTER_ADDR);
-an MPI launch (mpirun) gives rank and size through mpi4py, and rank 0 broadcasts an address and a
-free port. The torch backend is gloo on CPU and nccl on GPU; the
-tensor, pipeline and data-parallel groups come from megatron-core's `parallel_state`
-(rank order tp, dp, pp: the ranks of one tensor-parallel group are neighbours).
+"""Process groups, made in one place for every launcher (launchers.py reads which one started
+this process). The torch backend is gloo on CPU and nccl on GPU; the tensor, pipeline and
+data-parallel groups come from megatron-core's `parallel_state` (rank order tp, dp, pp: the ranks
+of one tensor-parallel group are neighbours).
 """
 
 from __future__ import annotations
 
-import functools
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +14,7 @@ import torch.distributed as dist
 
 from stairscale.config import ParallelConfig, RunConfig
 from stairscale.errors import ConfigError
+from stairscale.parallel.launchers import launch_environment, rendezvous_address
 
 
 @dataclass(frozen=True)
@@ -57,50 +52,6 @@ class Layout:
         return f"world {self.world} = dp {self.dp} x tp {self.tp} x pp {self.pp} ({self.launcher})"
 
 
-@functools.cache  # the MPI branch sets RANK for later readers; ask once per process
-def launch_environment() -> tuple[str, int, int]:
-    """(launcher, rank, world size) of this process, read from what the launcher set."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "deepspeed" if "CROSS_RANK" in os.environ else "env"
-        return launcher, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError("srun: set MASTER_ADDR (and MASTER_PORT) to the first node, as launch/slurm.sbatch does")
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["SLURM_PROCID"], os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        return "srun", int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if any(key in os.environ for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
-        from mpi4py import MPI
-
-        comm = MPI.COMM_WORLD
-        if comm.Get_size() > 1:
-            address = comm.bcast(_rendezvous_address() if comm.Get_rank() == 0 else None, root=0)
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address[0], str(address[1])
-        # What torchrun would have set, for DeepSpeed and for device selection.
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(comm.Get_rank()), str(comm.Get_size())
-        os.environ["LOCAL_RANK"] = str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
-        return "mpirun", comm.Get_rank(), comm.Get_size()
-    return "single", 0, 1
-
-
-def _rendezvous_address() -> tuple[str, int]:
-    host = os.environ.get("MASTER_ADDR") or _routable_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return host, s.getsockname()[1]
-
-
-def _routable_address() -> str:
-    """This host's address as other nodes see it: the source address of a route out (a UDP
-    connect sends nothing). The host name often resolves to loopback (127.0.1.1 on Debian)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-    except OSError:  # no route at all: a single machine
-        return socket.gethostbyname(socket.gethostname())
-
-
 def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
     """Join the launch's processes and build the model-parallel groups; a single process returns
     Layout() without making any group unless ZeRO asks for DeepSpeed."""
@@ -117,9 +68,15 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
     # CUDA runs kernels in launch order (its recommended setting; read before CUDA starts).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_rendezvous_address()[1]) if world == 1 else "29500")
-    # DeepSpeed needs LOCAL_RANK; a single process, or RANK and WORLD_SIZE set by hand, lack it.
-    local_rank = int(os.environ.setdefault("LOCAL_RANK", str(rank % torch.cuda.device_count() if device.type == "cuda" else rank)))
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(rendezvous_address()[1]) if world == 1 else "29500"
+    # DeepSpeed needs LOCAL_RANK, and on a GPU takes it for the device index; a single process, or
+    # RANK and WORLD_SIZE set by hand, lack it.
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device.type == "cuda":
+        # A task may see only its own GPUs (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank).
+        local_rank %= torch.cuda.device_count()
+    os.environ["LOCAL_RANK"] = str(local_rank)
     if not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":

@@ -61,15 +61,11 @@ class PipelineStage(nn.Module):
             self.core.relative.ds_pipe_replicated = True
         self.runner = PipelineRunner(self)
 
-    def initial_state(self, lanes: int, device: torch.device | str = "cpu") -> RecurrentState:
-        return RecurrentState.initial(lanes, device)
-
 
 @dataclass
 class MicroBatch:
     """One micro-batch's schedule generator and what its actions leave for later ones."""
 
-    index: int  # position among the step's micro-batches: the same on every stage
     steps: Steps  # the schedule's generator of core calls
     tokens: Tensor
     targets: Tensor
@@ -116,7 +112,7 @@ class PipelineRunner:
         self.steps = self.schedule.count(self.segment_len)
         self._join_group(micro_batches[0][0].device)
         with torch.set_grad_enabled(training):
-            micros = [self._start(g, *batch, state) for g, (batch, state) in enumerate(zip(micro_batches, states))]
+            micros = [self._start(*batch, state) for batch, state in zip(micro_batches, states)]
             slots, forward_end = _plan(layout.pp, len(micros), self.steps, training, layout.pp_rank, self.cached)
             for t, slot in enumerate(slots):
                 if slot.action is not None:
@@ -132,9 +128,9 @@ class PipelineRunner:
 
     # -- one micro-batch's generator ------------------------------------------------------------
 
-    def _start(self, index: int, tokens: Tensor, doc_start: Tensor, targets: Tensor, state: RecurrentState) -> MicroBatch:
+    def _start(self, tokens: Tensor, doc_start: Tensor, targets: Tensor, state: RecurrentState) -> MicroBatch:
         pos, doc, key_doc = segment_layout(tokens, doc_start, state, self.stage.pad_id)
-        micro = MicroBatch(index, None, tokens, targets, RecurrentState(state.position + tokens.shape[1], doc[:, -1], {}))
+        micro = MicroBatch(None, tokens, targets, RecurrentState(state.position + tokens.shape[1], doc[:, -1], {}))
         if self.layout.first_stage:
             micro.embedded = self.stage.embed(tokens)
             micro.embedded_leaf = micro.embedded.detach().requires_grad_(torch.is_grad_enabled())

@@ -49,7 +49,6 @@ def dependencies(action: Action, stages: int, steps: int) -> list[Action]:
 class Schedule:
     slots: list[list[Action | None]]  # slots[t][p]: what stage p does in time slot t
     stages: int
-    micro_batches: int
     steps: int
 
     @property
@@ -60,10 +59,6 @@ class Schedule:
     def bubble_fraction(self) -> float:
         idle = sum(a is None for slot in self.slots for a in slot)
         return idle / (self.length * self.stages)
-
-    def per_stage(self, stage: int) -> list[Action]:
-        """The ordered actions of one stage: what that rank executes."""
-        return [slot[stage] for slot in self.slots if slot[stage] is not None]
 
 
 def schedule(stages: int, micro_batches: int, steps: int, backward: bool = True) -> Schedule:
@@ -88,7 +83,7 @@ def schedule(stages: int, micro_batches: int, steps: int, backward: bool = True)
                 done.add(action)
                 forwards_left -= action.phase == "F"
         slots.append(slot)
-    return Schedule(slots, stages, micro_batches, steps)
+    return Schedule(slots, stages, steps)
 
 
 def _priority(action: Action) -> tuple:

@@ -7,10 +7,13 @@ each lane remembers the offset (predicted - true position, mod P) it held at the
 segment, the commonest one over the segment's last BELIEF_TOKENS tokens, and its targets are shifted
 by that offset until its next walk starts. Inside a segment the loss is the plain one, so a slip
 there is still penalised at every later token back-propagation reaches. Evaluation, and the
-training error in the log, use the true labels. docs/reproducing.md has the trials.
+training error in the log, use the true labels; the training loss in the log is the one trained
+on, with the shifted labels. docs/reproducing.md has the trials.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +42,7 @@ class CarriedOffset:
         shifted = torch.where(supervised, self.first_label + (targets - self.first_label + shift) % self.ring, targets)
         self.shifted += (shifted != targets).sum()  # left on the device: no wait for it here
         self.supervised += supervised.sum()
-        return Batch(batch.tokens, shifted.to(batch.targets.dtype), batch.doc_start, batch.doc_pos, batch.doc_id)
+        return dataclasses.replace(batch, targets=shifted.to(batch.targets.dtype))
 
     def update(self, batch: Batch, predicted: Tensor) -> None:
         """Carry the belief of this segment (true targets in `batch`) into the lane's next segment.

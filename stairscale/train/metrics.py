@@ -20,7 +20,7 @@ class Tally:
     batch alone tells (which positions are supervised) is counted on the host.
     """
 
-    def __init__(self, labelled: bool, byte_level: bool = True):
+    def __init__(self, labelled: bool, byte_level: bool):
         self.labelled = labelled
         self.byte_level = byte_level  # language modelling: one target is one byte (bits per byte)
         self.count = 0

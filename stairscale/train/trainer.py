@@ -25,6 +25,7 @@ from stairscale.data.tasks import IGNORE
 from stairscale.errors import ConfigError, DataError
 from stairscale.model.lm import StaircaseLM
 from stairscale.model.provider import Scores
+from stairscale.model.state import RecurrentState
 from stairscale.parallel import collectives
 from stairscale.parallel.groups import Layout, check_layout, init_distributed
 from stairscale.parallel.model import build_model, full_state_dict
@@ -64,6 +65,22 @@ def make_loader(cfg: RunConfig, root, split: str, training: bool, layout: Layout
     return LaneLoader(spec, layout.dp_rank, layout.dp, workers=cfg.data.workers, prefetch=cfg.data.prefetch)
 
 
+def check_splits(dataset: Dataset, cfg: RunConfig) -> None:
+    """Every split the run reads holds something to predict, and every training split a shard per
+    lane: fail now, not after training."""
+    training = [train_split(cfg.task, i) for i in range(cfg.task.stages)]
+    for split in [*training, "valid", "test"]:
+        shards = dataset.shards(split)
+        if not shards:
+            raise DataError(f"dataset {dataset.root}: split {split} has no documents; a run trains on its train "
+                            "split(s) and is scored on valid and test")
+        if not dataset.labelled and sum(s.tokens - s.documents for s in shards) == 0:
+            raise DataError(f"dataset {dataset.root}: split {split} has nothing to predict (its documents "
+                            "hold only their start token)")
+        if split in training:
+            check_a_shard_per_lane(str(dataset.root), split, shards, cfg.train.lanes)
+
+
 def learning_rate(cfg: RunConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio (or constant). With
     train.lr_restarts the schedule starts again at every curriculum stage."""
@@ -94,7 +111,7 @@ def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, la
     lanes = len(loader.local_lanes)
     # Pipeline stages split their lanes into micro-batches, as in training, so that they overlap.
     parts = cfg.train.grad_accum if layout.pp > 1 else 1
-    states = [model.initial_state(lanes // parts, device) for _ in range(parts)]
+    states = [RecurrentState.initial(lanes // parts, device) for _ in range(parts)]
     for batch in loader:
         micros = batch.split(parts)
         on_device = [m.to(device) for m in micros]
@@ -146,18 +163,7 @@ class Trainer:
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
         collectives.check_same_data(self.dataset.fingerprint, str(self.data_root), self.layout)
-        training = [train_split(cfg.task, i) for i in range(cfg.task.stages)]
-        for split in [*training, "valid", "test"]:  # fail now, not after training
-            shards = self.dataset.shards(split)
-            if not shards:
-                raise DataError(f"dataset {self.data_root}: split {split} has no documents; a run trains on its train "
-                                "split(s) and is scored on valid and test")
-            if not self.dataset.labelled and sum(s.tokens - s.documents for s in shards) == 0:
-                raise DataError(f"dataset {self.data_root}: split {split} has nothing to predict (its documents "
-                                "hold only their start token)")
-            if split in training:
-                check_a_shard_per_lane(str(self.data_root), split, shards, cfg.train.lanes)
-        self.labelled = self.dataset.labelled
+        check_splits(self.dataset, cfg)
         self.vocab = (len(self.dataset.vocab), self.dataset.vocab.pad_id)
         model = build_model(cfg, *self.vocab, self.layout).to(self.device)
         if cfg.train.compile != "none":
@@ -167,16 +173,17 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg, self.layout, uses_bf16(cfg, self.device))
         self.model = self.optimizer.module
         self.run_dir = Path(cfg.run_dir)
-        self.writer = None
-        if self.layout.reports:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            (self.run_dir / "layout.json").write_text(json.dumps(dataclasses.asdict(self.layout), indent=2))
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.writer = self._open_run_dir() if self.layout.reports else None
         self.curve: list[dict] = []
         self.history: list[dict] = []  # loss and gradient norm of every step
         self.unread: list[tuple] = []  # the same, for the steps since the last log line, still on the device
         self.label_shifts: list[CarriedOffset] | None = None  # train.carried_offset_stages
+
+    def _open_run_dir(self) -> SummaryWriter:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        (self.run_dir / "layout.json").write_text(json.dumps(dataclasses.asdict(self.layout), indent=2))
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -202,7 +209,8 @@ class Trainer:
         return self._finish(time.perf_counter() - progress.started)
 
     def batches(self):
-        """(step, this rank's batch, recurrent state per micro-batch); a curriculum stage starts new lanes."""
+        """(step, this rank's batch, recurrent state per micro-batch). A curriculum stage starts new
+        lanes, and sets the stage's label shifts (train.carried_offset_stages) that train_step applies."""
         cfg, t = self.cfg, self.cfg.train
         stage = -1
         for step in range(t.steps):
@@ -211,7 +219,7 @@ class Trainer:
                 loader = make_loader(cfg, self.data_root, train_split(cfg.task, stage), training=True, layout=self.layout)
                 stage_batches = iter(loader)
                 size = len(loader.local_lanes) // t.grad_accum
-                states = [self.model.initial_state(size, self.device) for _ in range(t.grad_accum)]
+                states = [RecurrentState.initial(size, self.device) for _ in range(t.grad_accum)]
                 self.label_shifts = self._label_shifts(stage, size)
             yield step, next(stage_batches), states
 
@@ -238,7 +246,7 @@ class Trainer:
         nll = torch.zeros((), dtype=torch.float64, device=self.device)
         for g, (micro, scores) in enumerate(zip(micros, self._forward_backward(inputs, states, scale))):
             if scores is not None:  # None on pipeline stages without the head
-                tally.add(scores, micro.targets, micro.doc_pos)  # the true labels
+                tally.add(scores, micro.targets, micro.doc_pos)  # errors against the true labels, the loss as trained
                 nll += scores.nll.sum(dtype=torch.float64)
                 if self.label_shifts is not None:
                     self.label_shifts[g].update(on_device[g], scores.predicted)
@@ -296,7 +304,7 @@ class Trainer:
         test = self._tally("test")
         results["test"] = test.summary()
         self._scalars("test", results["test"], steps)
-        if self.labelled:
+        if self.dataset.labelled:
             results["test_error_by_position"] = test.error_by_position(bucket=32)
         results.update(self._facts())
         results["curve"] = self.curve
@@ -354,7 +362,7 @@ def reach(cfg: RunConfig) -> int | None:
     whose carried state has no bound. With memory: attention span plus memory (the paper's
     measure), or the stacked span of all layer passes if that is longer."""
     m = cfg.model
-    if m.schedule in ("staircase", "cached", "global_cached"):
+    if m.is_staircase:
         return None
     stacked = m.n_layers * m.repeats * (m.attn_lim - 1) + 1
     if m.mem_len == 0:

@@ -1,0 +1,94 @@
+"""Which launcher started this process, and its rank and world size (no torch import here:
+the command line reads it too, to end an MPI launch when a rank fails).
+
+torchrun and the deepspeed launcher set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; an MPI
+launch (mpirun) gives rank and size through mpi4py, and rank 0 broadcasts an address and a free
+port; in an srun step the rank and size come from SLURM_PROCID and SLURM_STEP_NUM_TASKS
+(launch/slurm.sbatch sets MASTER_ADDR).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+
+from stairscale.errors import ConfigError
+
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+
+
+def started_by_mpi() -> bool:
+    return any(key in os.environ for key in (*MPI_SIZE_VARIABLES, "PMIX_RANK"))
+
+
+@functools.cache  # the MPI branch sets RANK for later readers; ask once per process
+def launch_environment() -> tuple[str, int, int]:
+    """(launcher, rank, world size) of this process, read from what the launcher set. MPI comes
+    before SLURM: processes that mpirun starts inside an allocation inherit its SLURM variables."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "deepspeed" if "CROSS_RANK" in os.environ else "env"
+        return launcher, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if started_by_mpi():
+        return _mpi_environment()
+    # Only an srun step's tasks: a batch script or salloc shell has SLURM_PROCID and SLURM_NTASKS
+    # too, but no step of its own.
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        if "MASTER_ADDR" not in os.environ:
+            raise ConfigError("srun started this task (SLURM_STEP_NUM_TASKS > 1) without MASTER_ADDR: set MASTER_ADDR "
+                              "(and MASTER_PORT) to the first node, as launch/slurm.sbatch does")
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["SLURM_PROCID"], os.environ["SLURM_STEP_NUM_TASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        return "srun", int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return "single", 0, 1
+
+
+def _mpi_environment() -> tuple[str, int, int]:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    announced = {key: os.environ[key] for key in MPI_SIZE_VARIABLES if key in os.environ}
+    if comm.Get_size() == 1 and any(int(size) > 1 for size in announced.values()):
+        raise ConfigError(f"the MPI launcher announced {announced}, but mpi4py's MPI (MPICH, from the venv) sees one "
+                          "process: start the ranks with the mpirun of the same MPI (launch/mpirun.sh)")
+    if comm.Get_size() > 1:
+        address = comm.bcast(rendezvous_address() if comm.Get_rank() == 0 else None, root=0)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address[0], str(address[1])
+    # What torchrun would have set, for DeepSpeed and for device selection.
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(comm.Get_rank()), str(comm.Get_size())
+    os.environ["LOCAL_RANK"] = str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
+    return "mpirun", comm.Get_rank(), comm.Get_size()
+
+
+def abort_mpi_launch(exit_code: int, message: str = "") -> None:
+    """End every rank of an mpirun launch when this one fails (after printing `message`): mpirun
+    does not notice a rank that exits normally, and the others would wait in a collective until
+    its timeout."""
+    if not started_by_mpi():
+        return
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_size() > 1:
+        print(message, end="", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(exit_code)
+
+
+def rendezvous_address() -> tuple[str, int]:
+    host = os.environ.get("MASTER_ADDR") or _routable_address()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return host, s.getsockname()[1]
+
+
+def _routable_address() -> str:
+    """This host's address as other nodes see it: the source address of a route out (a UDP
+    connect sends nothing). The host name often resolves to loopback (127.0.1.1 on Debian)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:  # no route at all: a single machine
+        return socket.gethostbyname(socket.gethostname())
