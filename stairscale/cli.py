@@ -8,9 +8,38 @@ import sys
 import traceback
 from pathlib import Path
 
-from stairscale.config import COMPILE_MODES, load_config
+from stairscale.config import COMPILE_MODES, check_writable_dir, load_config
 from stairscale.errors import CheckpointError, ConfigError, DataError, RunFailed
 from stairscale.parallel.launchers import abort_mpi_launch
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` above 0."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def compile_modes(text: str) -> list[str]:
+    modes = text.split(",")
+    for mode in modes:
+        if mode not in COMPILE_MODES:
+            raise argparse.ArgumentTypeError(f"{mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    return modes
+
+
+class Once(argparse.Action):
+    """An option that may be given once (a second --config would silently replace the first)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice: one config file per command (change keys with --set)")
+        setattr(namespace, self.dest, value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model (no --config: a small Staircase on the random walk)")
-    train.add_argument("--config", help="YAML run config")
+    train.add_argument("--config", action=Once, help="YAML run config")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=100")
 
     evaluate = commands.add_parser("eval", help="score a finished run's checkpoint on a split")
@@ -27,32 +56,35 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a task, data or train key for scoring, e.g. task.eval_length=512")
 
     prepare = commands.add_parser("prepare-data", help="write the task's splits as webdataset shards with a manifest")
-    prepare.add_argument("--config", help="YAML run config (its task section, and train.lanes and data.shard_docs for the shards)")
+    prepare.add_argument("--config", action=Once, help="YAML run config (its task section, and train.lanes and data.shard_docs for the shards)")
     prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prepare.add_argument("--out", required=True, help="dataset directory to write")
 
     bench = commands.add_parser("bench", help="measure a part of the system")
     bench.add_argument("what", choices=["data", "step", "pipeline"],
                        help="data: loader vs train step; step: compile modes vs eager; pipeline: micro-batches (under a launcher)")
-    bench.add_argument("--config", help="YAML run config")
+    bench.add_argument("--config", action=Once, help="YAML run config")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    bench.add_argument("--seconds", type=float, default=10.0, help="data: seconds the loader is measured for")
+    bench.add_argument("--seconds", type=positive(float), default=10.0, help="data: seconds the loader is measured for")
     bench.add_argument("--micro-batches", default="1,2,4", help="pipeline: micro-batch counts to compare (the first is the baseline)")
-    bench.add_argument("--steps", type=int, default=20, help="step, pipeline: train steps per measurement")
+    bench.add_argument("--steps", type=positive(int), default=20, help="step, pipeline: train steps per measurement")
     bench.add_argument("--warmup", type=int, default=10, help="step, data: train steps before each measurement (they pay for compilation)")
-    bench.add_argument("--compile", default="default", help="step: compile modes to compare with eager, comma-separated")
+    bench.add_argument("--compile", type=compile_modes, default="default", help="step: compile modes to compare with eager, comma-separated")
 
     reproduce = commands.add_parser("reproduce", help="rerun an experiment of the paper")
     reproduce.add_argument("experiment", choices=["tracking"])
     reproduce.add_argument("--quick", action="store_true", help="the 2-CPU-core variant (under 30 minutes)")
     reproduce.add_argument("--out", default="runs/tracking", help="directory for the runs and the table")
-    reproduce.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's steps, stage boundaries and warm-up (slower/faster machines)")
-    reproduce.add_argument("--fit-minutes", type=float, help="measure the models' steps here and scale the runs to this many minutes")
+    reproduce.add_argument("--steps-scale", type=positive(float), default=1.0, help="multiply every run's steps, stage boundaries and warm-up (slower/faster machines)")
+    reproduce.add_argument("--fit-minutes", type=positive(float), help="measure the models' steps here and scale the runs to this many minutes")
     reproduce.add_argument("--compile", default="none", choices=COMPILE_MODES, help="train.compile of every run")
 
     args = parser.parse_args(argv)
     try:
         exit_code = run_command(args)
+    except KeyboardInterrupt:
+        print(f"stairscale: {args.command} interrupted", file=sys.stderr)
+        exit_code = 130
     except Exception:
         abort_mpi_launch(1, traceback.format_exc())
         raise
@@ -72,6 +104,7 @@ def run_command(args: argparse.Namespace) -> int:
             from stairscale.data.prepare import prepare_dataset
 
             cfg = load_config(args.config, args.set)
+            check_writable_dir(args.out, "--out")
             manifest = prepare_dataset(cfg, args.out)
             for split, info in manifest["splits"].items():
                 print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")
@@ -82,7 +115,7 @@ def run_command(args: argparse.Namespace) -> int:
             if args.what == "data":
                 bench_data(cfg, args.seconds, warmup=args.warmup)
             elif args.what == "step":
-                bench_step(cfg, args.compile.split(","), args.steps, args.warmup)
+                bench_step(cfg, args.compile, args.steps, args.warmup)
             else:
                 bench_pipeline(cfg, [int(n) for n in args.micro_batches.split(",")], args.steps)
         elif args.command == "eval":
@@ -90,6 +123,7 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             from stairscale.reproduce import FULL, QUICK, fit_steps_scale, reproduce_tracking
 
+            check_writable_dir(args.out, "--out")
             scale = args.steps_scale
             if args.fit_minutes:
                 scale = fit_steps_scale(QUICK if args.quick else FULL, Path(args.out), args.fit_minutes, args.compile)

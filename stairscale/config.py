@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sysconfig
 import types
 import typing
@@ -160,6 +161,7 @@ class DataConfig:
         for key in ("shard_docs", "workers"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
         need(self.prefetch >= 1, "prefetch", "must be >= 1")
+        need(self.cache.strip() != "", "cache", "must name a directory (it would be the current one)")
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -251,6 +253,8 @@ class RunConfig:
     run_dir: str = "runs/default"
 
     def validate(self) -> RunConfig:
+        if not self.run_dir.strip():
+            raise ConfigError("run_dir: must name a directory (an empty one would write the run into the current one)")
         self.task.validate()
         self.data.validate()
         self.train.validate()
@@ -283,6 +287,8 @@ class RunConfig:
 
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from nested dicts, rejecting unknown keys and wrong types."""
+    if data is None and prefix:  # an empty section in YAML
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -335,6 +341,19 @@ def apply_override(data: dict, assignment: str) -> None:
         node[parts[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"{key}: {raw!r} is not a valid YAML value: {err}") from err
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """`path` is a directory this process may write into, or can be made one: before any work,
+    so that a bad path is a config error naming `key`, not a traceback at the end."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing == path and not path.is_dir():
+        raise ConfigError(f"{key}: {path} exists and is not a directory")
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {path} cannot be made: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path} cannot be written: no write permission in {existing}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -180,7 +181,14 @@ def test_cli_train_then_eval_agree(tmp_path, cache):
     on_cpu = subprocess.run(cmd + ["eval", "--run", str(run), "--set", "train.device=cpu"], capture_output=True, text=True)
     assert on_cpu.returncode == 0 and json.loads(on_cpu.stdout)["loss"] == pytest.approx(expected["loss"], rel=1e-9), on_cpu.stderr
     checkpoint = run / "checkpoint.pt"
+
+    def change_a_weight():  # as a flipped bit on disk would, with the file still readable
+        payload = torch.load(checkpoint, weights_only=True)
+        next(iter(payload["model"].values())).view(-1)[0] += 1e-3
+        torch.save(payload, checkpoint)
+
     damages = (
+        (change_a_weight, "is corrupt: its weights do not match the digest"),
         (lambda: checkpoint.write_bytes(checkpoint.read_bytes()[:1000]), "cannot be read"),
         (lambda: torch.save({"state_dict": {}}, checkpoint), "no 'model' entry"),
         (lambda: torch.save({"model": {}, "code": argparse.Namespace()}, checkpoint), "cannot be read"),  # no pickled objects
@@ -202,6 +210,11 @@ def test_a_run_directory_holds_one_run(tmp_path, cache):
     for again in ([], ["--set", "train.threads=1", "--set", "data.workers=1"]):  # how it runs is not what it computes
         done = subprocess.run(cmd + again, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+    # The rerun replaced the run; the first run's curves are kept aside, not mixed with the rerun's.
+    for board in (run / "tensorboard", run / "tensorboard" / "replaced-1"):
+        events = EventAccumulator(str(board))
+        events.Reload()
+        assert [e.step for e in events.Scalars("test/loss")] == [2], board
     files = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
     other = subprocess.run(cmd + ["--set", "model.schedule=transformer"], capture_output=True, text=True)
     assert other.returncode == 2 and "Traceback" not in other.stderr
@@ -224,6 +237,63 @@ def test_cli_config_error_names_the_key(tmp_path):
         out = subprocess.run([sys.executable, "-m", "stairscale.cli", "train", *args], capture_output=True, text=True)
         assert out.returncode == 2 and "parallel.backend" in out.stderr and "Traceback" not in out.stderr
         assert not (tmp_path / "data").exists()
+
+
+def test_bad_paths_and_arguments_are_refused_before_any_work(tmp_path):
+    """Each names what is wrong, exits 2 without a traceback, and prepares no data."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    data = ["--set", f"data.cache={tmp_path / 'data'}"]
+    cases = {
+        ("train", "--set", f"run_dir={afile}", *data): f"run_dir: {afile} exists and is not a directory",
+        ("train", "--set", f"run_dir={afile}/run", *data): f"run_dir: {afile}/run cannot be made: {afile} is not a directory",
+        ("train", "--set", "run_dir=''", *data): "run_dir: must name a directory",
+        ("train", "--set", f"data.cache={afile}"): f"data.cache: {afile} exists and is not a directory",
+        ("prepare-data", "--out", f"{afile}/x"): f"--out: {afile}/x cannot be made",
+        ("reproduce", "tracking", "--quick", "--out", str(afile)): f"--out: {afile} exists and is not a directory",
+        ("train", "--config", str(afile), "--config", str(afile)): "--config given twice",
+        ("bench", "step", "--steps", "0"): "argument --steps: must be > 0, got 0",
+        ("bench", "data", "--seconds", "-1"): "argument --seconds: must be > 0, got -1",
+        ("bench", "step", "--compile", "default,bogus"): "'bogus' is not one of none, default",
+        ("reproduce", "tracking", "--steps-scale", "-1"): "argument --steps-scale: must be > 0",
+        ("reproduce", "tracking", "--fit-minutes", "0"): "argument --fit-minutes: must be > 0",
+    }
+    for args, message in cases.items():
+        out = subprocess.run([sys.executable, "-m", "stairscale.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-2000:])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_data_dir_must_hold_the_run_task(tmp_path):
+    """A dataset prepared with one task section does not serve a run that says another."""
+    cli = [sys.executable, "-m", "stairscale.cli"]
+    walk = ["--set", "task.eval_docs=8", "--set", "task.train_docs=64", "--set", "train.lanes=4"]
+    prepared = subprocess.run(cli + ["prepare-data", "--out", str(tmp_path / "walk"), *walk], capture_output=True, text=True)
+    assert prepared.returncode == 0, prepared.stderr
+    run = cli + ["train", *walk, "--set", f"data.dir={tmp_path / 'walk'}", "--set", f"run_dir={tmp_path / 'run'}",
+                 "--set", "task.positions=16", "--set", "task.eval_length=512"]
+    out = subprocess.run(run, capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"data.dir: {tmp_path / 'walk'} was prepared with task.positions 8 (the run: 16), task.eval_length 128 (the run: 512)" in out.stderr
+    # A corpus too small to give every split a file is refused when it is prepared.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "only.txt").write_text("one file holds every byte of this corpus")
+    out = subprocess.run(cli + ["prepare-data", "--set", "task.name=text", "--set", f"task.path={corpus}", "--out", str(tmp_path / "text")],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "has no documents" in out.stderr and not (tmp_path / "text").exists(), out.stderr[-2000:]
+
+
+def test_an_interrupted_run_says_so(tmp_path, cache):
+    overrides = TINY + ["train.steps=100000", "train.log_every=1", f"run_dir={tmp_path / 'run'}", f"data.cache={cache}"]
+    run = subprocess.Popen([sys.executable, "-m", "stairscale.cli", "train"] + [a for o in overrides for a in ("--set", o)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:
+        if line.startswith("step "):
+            break
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130 and stderr.strip().endswith("stairscale: train interrupted") and "Traceback" not in stderr, stderr
 
 
 def test_every_training_step_is_in_one_logged_window(tmp_path, tiny):

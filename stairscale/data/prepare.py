@@ -19,9 +19,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from stairscale.config import RunConfig, TaskConfig
-from stairscale.data.shards import MANIFEST, check_replaceable, write_dataset
+from stairscale.data.shards import MANIFEST, Dataset, check_replaceable, write_dataset
 from stairscale.data.tasks import AlgorithmicTask, Document, RandomWalkTask, TextTask, Vocab
-from stairscale.errors import DataError
+from stairscale.errors import ConfigError, DataError
 
 # Task config keys that do not change the documents.
 _NOT_CONTENT = ("train_length_steps",)
@@ -101,6 +101,11 @@ def prepare_dataset(cfg: RunConfig, out_dir: str | Path) -> dict:
         # Only the train split needs a piece per lane: evaluation pieces stay long, whatever the lanes.
         splits = {name: text_pieces(docs, cfg.task.piece_len, cfg.train.lanes if name == "train" else 1, vocab.bos_id)
                   for name, docs in splits.items()}
+    empty = [name for name, docs in splits.items() if not docs]
+    if empty:  # only format "files" can leave a split empty: each non-empty file goes to one split
+        raise DataError(f"task.path {task.path}: split {' and '.join(empty)} has no documents: each non-empty file "
+                        "goes to train, valid or test by a hash of its name (about 90/5/5%), so this corpus needs more "
+                        "files, or one file cut by bytes (task.format=bytes); nothing was written")
     return write_dataset(out_dir, vocab, not isinstance(task, TextTask), splits, cfg.data.shard_docs,
                          shards_per_split(cfg), dataclasses.asdict(cfg.task), files)
 
@@ -169,6 +174,18 @@ def content_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def check_prepared_for(root: Path, task: TaskConfig) -> None:
+    """data.dir holds a dataset prepared with this task section (its manifest records the one it
+    was prepared with): else the run would record one task and be scored on another."""
+    source = Dataset(root).manifest.get("source", {})
+    wanted = {key: value for key, value in dataclasses.asdict(task).items() if key not in _NOT_CONTENT}
+    differ = [key for key, value in wanted.items() if key in source and source[key] != value]
+    if differ:
+        what = ", ".join(f"task.{key} {source[key]!r} (the run: {wanted[key]!r})" for key in differ)
+        raise ConfigError(f"data.dir: {root} was prepared with {what}; set the run's task keys as they were "
+                          "prepared, or prepare the dataset again")
+
+
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -176,6 +193,7 @@ def _to_stderr(message: str) -> None:
 def dataset_dir(cfg: RunConfig, log=_to_stderr) -> Path:
     """The run's dataset: `data.dir`, or the task's cached dataset, prepared on first use."""
     if cfg.data.dir:
+        check_prepared_for(Path(cfg.data.dir), cfg.task)
         return Path(cfg.data.dir)
     path = Path(cfg.data.cache).expanduser() / f"{cfg.task.name}-{content_hash(cfg)}"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,12 @@ class PipelineRunner:
         self.stage_ranks = dist.get_process_group_ranks(self.group)
         self.cached = stage.cfg.cache_len > 0
         self.joined = False
+        # What one `run` (one segment of every micro-batch) shares between its actions.
+        self.loss_scale: float | None = None  # None: forward only
+        self.posted: list = []  # pending sends, waited for at the segment's end
+        self.inbox: dict = {}  # received, not yet taken, by transfer key
+        self.outbox: dict = {}  # to send at the slot's exchange
+        self.segment_len, self.dtype, self.steps = 0, torch.float32, 0
 
     def train(self, micro_batches: list[tuple[Tensor, Tensor, Tensor]], states: list[RecurrentState], loss_scale: float):
         """Forward and backward of every micro-batch's segment; gradients are left in .grad."""
@@ -153,9 +159,9 @@ class PipelineRunner:
         try:
             micro.call = micro.steps.send((micro.tops[step], micro.layer_inputs.pop(step)))
         except StopIteration as finished:
-            self._finish(micro, finished.value)
+            self._end_segment(micro, finished.value)
 
-    def _finish(self, micro: MicroBatch, result: tuple) -> None:
+    def _end_segment(self, micro: MicroBatch, result: tuple) -> None:
         """The segment's last call is done: keep the final rows and the carried state; the last
         stage scores the micro-batch (and, training, runs the loss's backward into the top rows)."""
         micro.result = result
@@ -181,7 +187,8 @@ class PipelineRunner:
     # -- actions ----------------------------------------------------------------------------------
 
     def _forward(self, micro: MicroBatch, step: int, recvs: tuple, sends: tuple) -> None:
-        """Receives, in the order of `recvs`: the previous call's top rows, then the input rows."""
+        """Takes what `recvs` names: the previous call's top rows (TOP) and, after the first stage,
+        this call's input rows (ACTIVATION)."""
         top = [self._take(t) for t in recvs if t.kind == wavefront.TOP]
         if step > 0:
             self._advance(micro, step - 1, top[0] if top else None)

@@ -4,6 +4,7 @@ an atomic rename), and the rule that a directory holds one run."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -17,11 +18,12 @@ RESULTS = "results.json"
 
 
 def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
-    """Write the payload; if that fails, the earlier checkpoint (if any) stays as it was."""
+    """Write the payload with a digest of its weights; if that fails, the earlier checkpoint (if
+    any) stays as it was."""
     path = Path(run_dir) / CHECKPOINT
     tmp = path.with_suffix(".pt.tmp")
     try:
-        torch.save(payload, tmp)
+        torch.save({**payload, "model_sha256": weights_digest(payload["model"])}, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,10 +42,22 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which file
-        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from err
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or "model" not in payload:
         raise CheckpointError(f"checkpoint {path} has no 'model' entry: not a stairscale checkpoint")
+    # Checkpoints written before 2026-11-29 have no digest.
+    if "model_sha256" in payload and payload.pop("model_sha256") != weights_digest(payload["model"]):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its weights do not match the digest written with them")
     return payload
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(weights.items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # Keys that change how a run is executed, not what it computes.

@@ -16,7 +16,7 @@ import yaml
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from stairscale.config import RunConfig
+from stairscale.config import RunConfig, check_writable_dir
 from stairscale.data.lanes import Batch
 from stairscale.data.loader import LaneLoader, LoaderSpec, check_a_shard_per_lane
 from stairscale.data.prepare import build_task, dataset_dir, train_split
@@ -66,8 +66,8 @@ def make_loader(cfg: RunConfig, root, split: str, training: bool, layout: Layout
 
 
 def check_splits(dataset: Dataset, cfg: RunConfig) -> None:
-    """Every split the run reads holds something to predict, and every training split a shard per
-    lane: fail now, not after training."""
+    """Every split the run reads is there, holds something to predict, and, for training, a shard
+    per lane: fail now, not after training."""
     training = [train_split(cfg.task, i) for i in range(cfg.task.stages)]
     for split in [*training, "valid", "test"]:
         shards = dataset.shards(split)
@@ -79,6 +79,10 @@ def check_splits(dataset: Dataset, cfg: RunConfig) -> None:
                             "hold only their start token)")
         if split in training:
             check_a_shard_per_lane(str(dataset.root), split, shards, cfg.train.lanes)
+        missing = [str(s.path) for s in shards if not s.path.is_file()]
+        if missing:
+            raise DataError(f"dataset {dataset.root}: split {split} lacks {len(missing)} of its shards ({missing[0]}, ...); "
+                            "prepare the dataset again")
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -159,6 +163,10 @@ class Trainer:
         refuse_another_run(cfg)
         self.layout = init_distributed(cfg.parallel, self.device)
         check_layout(cfg, self.layout)
+        if self.layout.reports:
+            check_writable_dir(cfg.run_dir, "run_dir")
+        if not cfg.data.dir:
+            check_writable_dir(cfg.data.cache, "data.cache")
         self.quiet = quiet or not self.layout.reports
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
@@ -183,7 +191,14 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         (self.run_dir / "layout.json").write_text(json.dumps(dataclasses.asdict(self.layout), indent=2))
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        board = self.run_dir / "tensorboard"
+        earlier = sorted(board.glob("events.out.tfevents.*"))
+        if earlier:  # a run started here before: its curves move aside, as a run of their own
+            aside = board / f"replaced-{len(list(board.glob('replaced-*'))) + 1}"
+            aside.mkdir()
+            for path in earlier:
+                path.rename(aside / path.name)
+        return SummaryWriter(str(board))
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -279,7 +294,7 @@ class Trainer:
         self.log(
             f"step {done}/{progress.steps} | loss {summary['loss']:.4f} | {headline(summary)} | lr {lr:.2e} "
             f"| grad {grad_norm:.3f} | {speed / 1e3:.1f}k tok/s | ETA {_duration(eta)}"
-            + ("" if shifted is None else f" | shifted labels {100 * shifted:.1f}%")
+            + ("" if shifted is None else f" | shifted labels {shifted:.1f}%")
         )
         if shifted is not None:
             self._scalars("train", {"shifted_labels": shifted}, done)
@@ -288,11 +303,12 @@ class Trainer:
         progress.restart_window()
 
     def _shifted_labels(self) -> float | None:
-        """Fraction of this rank's training labels shifted by the carried offset since the last log line."""
+        """Percent of this rank's training labels shifted by the carried offset since the last log
+        line (percent, as the error is)."""
         if self.label_shifts is None:
             return None
         counts = [shift.take_counts() for shift in self.label_shifts]
-        return sum(shifted for shifted, _ in counts) / max(1, sum(supervised for _, supervised in counts))
+        return 100 * sum(shifted for shifted, _ in counts) / max(1, sum(supervised for _, supervised in counts))
 
     def _finish(self, train_seconds: float) -> dict:
         """Checkpoint (single-device weights), then final validation and test, and results.json."""
