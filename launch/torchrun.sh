@@ -7,7 +7,7 @@
 # torchrun picks a free port (--standalone), so two jobs on one node do not collide.
 set -euo pipefail
 BIN=${BIN:-$(dirname "$0")/../.venv/bin}
-if [[ ${NNODES:-1} -gt 1 ]]; then
+if [[ ${NNODES:-1} != 1 ]]; then  # several nodes, or an elastic range such as 1:2
     if [[ -z ${MASTER_ADDR:-} || -z ${NODE_RANK:-} ]]; then
         echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (the first node) and NODE_RANK (0..$((NNODES - 1))) on every node" >&2
         exit 2

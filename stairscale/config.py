@@ -311,6 +311,8 @@ def _coerce(hint, value, key: str):
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"{key}: union types are not supported in configs")
+    if hint is str and value is None:  # `--set data.dir=` (YAML reads nothing as null)
+        return ""
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
@@ -346,8 +348,10 @@ def apply_override(data: dict, assignment: str) -> None:
 def check_writable_dir(path: str | Path, key: str) -> None:
     """`path` is a directory this process may write into, or can be made one: before any work,
     so that a bad path is a config error naming `key`, not a traceback at the end."""
-    path = Path(path).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if not existing.exists():
+        raise ConfigError(f"{key}: {path} cannot be made: {existing} is a broken link")
     if existing == path and not path.is_dir():
         raise ConfigError(f"{key}: {path} exists and is not a directory")
     if not existing.is_dir():

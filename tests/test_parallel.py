@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from stairscale.cli import evaluate_run
 from stairscale.config import load_config
 from stairscale.errors import ConfigError
-from stairscale.parallel.launchers import launch_environment
+from stairscale.parallel.launchers import launch_environment, started_by_mpi
 from stairscale.parallel.pipeline import stage_layers
 from stairscale.train.trainer import Trainer
 
@@ -293,14 +293,24 @@ def test_launches_that_cannot_work_are_refused_with_the_reason(config, tmp_path)
     assert done.returncode == 2 and "NNODES=2 needs MASTER_ADDR" in done.stderr, done.stderr
 
 
-def test_slurm_variables_outside_an_srun_step_leave_one_process(monkeypatch):
-    """A batch script or salloc shell has SLURM_PROCID and SLURM_NTASKS, but no step: a process
-    started there without a launcher is a single process, not rank 0 of a world of 8."""
-    for key in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "PMIX_RANK", "SLURM_STEP_NUM_TASKS"):
+def test_which_launcher_started_a_process_inside_a_slurm_allocation(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_SIZE", "PMIX_RANK",
+                "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
+    # A batch script or salloc shell has SLURM_PROCID and SLURM_NTASKS, but no step: a process
+    # started there without a launcher is a single process, not rank 0 of a world of 8.
     monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "1")
     assert launch_environment.__wrapped__() == ("single", 0, 1)
+    # mpirun in the allocation: hydra's proxies are the step's 2 tasks, and they start 8 ranks.
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("PMI_SIZE", "8")
+    assert started_by_mpi()
+    # srun with an MPI plugin sets MPI's variables for its own tasks: still an srun launch.
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert not started_by_mpi() and launch_environment.__wrapped__() == ("srun", 1, 2)
 
 
 def test_pipeline_benchmark_compares_micro_batch_counts(config, tmp_path):

@@ -243,11 +243,13 @@ def test_bad_paths_and_arguments_are_refused_before_any_work(tmp_path):
     """Each names what is wrong, exits 2 without a traceback, and prepares no data."""
     afile = tmp_path / "afile"
     afile.write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     data = ["--set", f"data.cache={tmp_path / 'data'}"]
     cases = {
         ("train", "--set", f"run_dir={afile}", *data): f"run_dir: {afile} exists and is not a directory",
         ("train", "--set", f"run_dir={afile}/run", *data): f"run_dir: {afile}/run cannot be made: {afile} is not a directory",
         ("train", "--set", "run_dir=''", *data): "run_dir: must name a directory",
+        ("train", "--set", f"run_dir={tmp_path}/dangling/run", *data): f"{tmp_path}/dangling is a broken link",
         ("train", "--set", f"data.cache={afile}"): f"data.cache: {afile} exists and is not a directory",
         ("prepare-data", "--out", f"{afile}/x"): f"--out: {afile}/x cannot be made",
         ("reproduce", "tracking", "--quick", "--out", str(afile)): f"--out: {afile} exists and is not a directory",

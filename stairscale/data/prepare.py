@@ -183,7 +183,7 @@ def check_prepared_for(root: Path, task: TaskConfig) -> None:
     if differ:
         what = ", ".join(f"task.{key} {source[key]!r} (the run: {wanted[key]!r})" for key in differ)
         raise ConfigError(f"data.dir: {root} was prepared with {what}; set the run's task keys as they were "
-                          "prepared, or prepare the dataset again")
+                          "prepared, or leave data.dir empty (--set data.dir=) to prepare the task's own dataset")
 
 
 def _to_stderr(message: str) -> None:

@@ -19,8 +19,21 @@ from stairscale.errors import ConfigError
 MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
 
+def srun_step_tasks() -> int:
+    """The tasks of the srun step this process belongs to (1 outside one: a batch script or salloc
+    shell has SLURM_PROCID and SLURM_NTASKS too, but no step of its own)."""
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) if "SLURM_PROCID" in os.environ else 1
+
+
 def started_by_mpi() -> bool:
-    return any(key in os.environ for key in (*MPI_SIZE_VARIABLES, "PMIX_RANK"))
+    """mpirun started this process. srun with an MPI plugin (pmi2, pmix) sets MPI's variables too,
+    for the same tasks as its step; mpirun inside an allocation starts other processes than the
+    step's tasks (hydra's proxies are the step's tasks), so its size differs."""
+    if not any(key in os.environ for key in (*MPI_SIZE_VARIABLES, "PMIX_RANK")):
+        return False
+    sizes = {int(os.environ[key]) for key in MPI_SIZE_VARIABLES if key in os.environ}
+    step = srun_step_tasks()
+    return step == 1 or not sizes <= {step}
 
 
 @functools.cache  # the MPI branch sets RANK for later readers; ask once per process
@@ -32,9 +45,7 @@ def launch_environment() -> tuple[str, int, int]:
         return launcher, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if started_by_mpi():
         return _mpi_environment()
-    # Only an srun step's tasks: a batch script or salloc shell has SLURM_PROCID and SLURM_NTASKS
-    # too, but no step of its own.
-    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+    if srun_step_tasks() > 1:
         if "MASTER_ADDR" not in os.environ:
             raise ConfigError("srun started this task (SLURM_STEP_NUM_TASKS > 1) without MASTER_ADDR: set MASTER_ADDR "
                               "(and MASTER_PORT) to the first node, as launch/slurm.sbatch does")

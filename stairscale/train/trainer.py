@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -166,7 +167,7 @@ class Trainer:
         if self.layout.reports:
             check_writable_dir(cfg.run_dir, "run_dir")
         if not cfg.data.dir:
-            check_writable_dir(cfg.data.cache, "data.cache")
+            check_writable_dir(Path(cfg.data.cache).expanduser(), "data.cache")
         self.quiet = quiet or not self.layout.reports
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
@@ -194,7 +195,7 @@ class Trainer:
         board = self.run_dir / "tensorboard"
         earlier = sorted(board.glob("events.out.tfevents.*"))
         if earlier:  # a run started here before: its curves move aside, as a run of their own
-            aside = board / f"replaced-{len(list(board.glob('replaced-*'))) + 1}"
+            aside = next(board / f"replaced-{n}" for n in itertools.count(1) if not (board / f"replaced-{n}").exists())
             aside.mkdir()
             for path in earlier:
                 path.rename(aside / path.name)
