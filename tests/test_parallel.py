@@ -171,8 +171,8 @@ def test_ranks_that_read_different_data_refuse_to_train(config, tmp_path):
     naming each rank's fingerprint, on every rank, before any training."""
     from stairscale.data.prepare import prepare_dataset
 
-    for rank in (0, 1):
-        prepare_dataset(load_config(config, [f"task.seed={rank}"]), tmp_path / str(rank))
+    for rank in (0, 1):  # the same task, sharded differently: other shards, another fingerprint
+        prepare_dataset(load_config(config, [f"data.shard_docs={8 * (rank + 1)}"]), tmp_path / str(rank))
     plan = [[str(config), str(tmp_path / "run"), [f"data.dir={tmp_path}/{{rank}}"]]]
     (tmp_path / "runs.json").write_text(json.dumps(plan))
     done = subprocess.run(torchrun(2, str(RUNS), str(tmp_path / "runs.json")), capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
@@ -244,8 +244,8 @@ def test_launchers_run_a_layout_from_the_config_and_record_it(launcher, config, 
     overrides, script = LAUNCHES[launcher]
     args = ["--config", str(config), "--set", f"run_dir={tmp_path / 'run'}", *[f"--set={o}" for o in overrides]]
     variables = {**env(), "BIN": str(Path(sys.executable).parent), "MASTER_PORT": free_port()}
-    if launcher == "mpirun":  # inside a SLURM allocation (hydra may start its proxies with srun): MPI decides
-        variables.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", MASTER_ADDR="127.0.0.1")
+    if launcher == "mpirun":  # in a batch script: the allocation's SLURM variables, no srun step
+        variables.update(SLURM_PROCID="0", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1")
     if launcher == "srun":  # no SLURM here: start the two tasks as srun would, with its variables
         tasks = [subprocess.Popen([sys.executable, "-m", "stairscale.cli", "train", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                                   env={**variables, "SLURM_PROCID": str(i), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
