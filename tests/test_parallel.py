@@ -294,6 +294,7 @@ def test_launches_that_cannot_work_are_refused_with_the_reason(config, tmp_path)
 
 
 def test_which_launcher_started_a_process_inside_a_slurm_allocation(monkeypatch):
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # launch_environment sets RANK and more: keep them here
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_SIZE", "PMIX_RANK",
                 "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
