@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from stairscale.config import RunConfig, TaskConfig
+from stairscale.config import RunConfig, TaskConfig, check_writable_dir
 from stairscale.data.shards import MANIFEST, Dataset, check_replaceable, write_dataset
 from stairscale.data.tasks import AlgorithmicTask, Document, RandomWalkTask, TextTask, Vocab
 from stairscale.errors import ConfigError, DataError
@@ -195,6 +195,7 @@ def dataset_dir(cfg: RunConfig, log=_to_stderr) -> Path:
     if cfg.data.dir:
         check_prepared_for(Path(cfg.data.dir), cfg.task)
         return Path(cfg.data.dir)
+    check_writable_dir(Path(cfg.data.cache).expanduser(), "data.cache")
     path = Path(cfg.data.cache).expanduser() / f"{cfg.task.name}-{content_hash(cfg)}"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:

@@ -166,8 +166,6 @@ class Trainer:
         check_layout(cfg, self.layout)
         if self.layout.reports:
             check_writable_dir(cfg.run_dir, "run_dir")
-        if not cfg.data.dir:
-            check_writable_dir(Path(cfg.data.cache).expanduser(), "data.cache")
         self.quiet = quiet or not self.layout.reports
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
