@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser("eval", help="score a finished run's checkpoint on a split")
     evaluate.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoint.pt)")
     evaluate.add_argument("--split", default="test", choices=["valid", "test"])
+    evaluate.add_argument("--weights", default="final", choices=["final", "best"],
+                          help="final: checkpoint.pt; best: best.pt, the best validation's (train.keep_best)")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a task, data or train key for scoring, e.g. task.eval_length=512")
 
     prepare = commands.add_parser("prepare-data", help="write the task's splits as webdataset shards with a manifest")
@@ -119,7 +121,7 @@ def run_command(args: argparse.Namespace) -> int:
             else:
                 bench_pipeline(cfg, [int(n) for n in args.micro_batches.split(",")], args.steps)
         elif args.command == "eval":
-            print(json.dumps(evaluate_run(args.run, args.split, args.set), indent=2))
+            print(json.dumps(evaluate_run(args.run, args.split, args.set, args.weights), indent=2))
         else:
             from stairscale.reproduce import FULL, QUICK, fit_steps_scale, reproduce_tracking
 
@@ -137,12 +139,13 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def score_run(run_dir: str, split: str, overrides: list[str] = ()):
-    """Load a run's config and checkpoint and score `split` with carried state from a fresh start."""
+def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str = "final"):
+    """Load a run's config and its final (or best) weights and score `split` with carried state
+    from a fresh start."""
     from stairscale.data.prepare import dataset_dir
     from stairscale.data.shards import Dataset
     from stairscale.model.lm import StaircaseLM
-    from stairscale.train.checkpoint import load_checkpoint
+    from stairscale.train.checkpoint import BEST, CHECKPOINT, load_checkpoint
     from stairscale.train.trainer import evaluate, make_loader, resolve_device
 
     for assignment in overrides:
@@ -153,17 +156,17 @@ def score_run(run_dir: str, split: str, overrides: list[str] = ()):
     root = dataset_dir(cfg)
     vocab = Dataset(root).vocab
     model = StaircaseLM(cfg.model, len(vocab), vocab.pad_id)  # checkpoints hold single-device weights
-    weights = load_checkpoint(run_dir)["model"]
+    name = BEST if weights == "best" else CHECKPOINT
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(load_checkpoint(run_dir, name)["model"])
     except RuntimeError as err:  # shapes or names that differ from the run's config.yaml
-        raise CheckpointError(f"checkpoint in {run_dir} does not fit the model its config.yaml and the --set keys build: {err}") from err
+        raise CheckpointError(f"checkpoint {Path(run_dir) / name} does not fit the model its config.yaml and the --set keys build: {err}") from err
     return evaluate(model.to(device), cfg, make_loader(cfg, root, split, training=False), device)
 
 
-def evaluate_run(run_dir: str, split: str, overrides: list[str] = ()) -> dict:
-    tally = score_run(run_dir, split, overrides)
-    result = {"run": str(run_dir), "split": split, **tally.summary()}
+def evaluate_run(run_dir: str, split: str, overrides: list[str] = (), weights: str = "final") -> dict:
+    tally = score_run(run_dir, split, overrides, weights)
+    result = {"run": str(run_dir), "split": split, "weights": weights, **tally.summary()}
     if tally.labelled:
         result["error_by_position"] = tally.error_by_position(bucket=32)
     return result

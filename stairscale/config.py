@@ -185,6 +185,7 @@ class TrainConfig:
     beta2: float = 0.98
     grad_clip: float = 0.25  # 0 = no clipping
     eval_every: int = 200  # 0 = only at the end
+    keep_best: bool = False  # also keep the weights of the best validation as best.pt, and score them on test
     log_every: int = 20
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -211,6 +212,9 @@ class TrainConfig:
         need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         need(not self.stage_lr or self.lr_restarts, "stage_lr", "needs train.lr_restarts: true")
         need(all(lr > 0 for lr in self.stage_lr), "stage_lr", "every stage's lr must be > 0")
+        need(not self.keep_best or 0 < self.eval_every < self.steps, "keep_best",
+             f"needs validations during the run (0 < train.eval_every < train.steps, got {self.eval_every}); "
+             "with one validation, at the end, the best weights are the final ones")
 
 
 @dataclass

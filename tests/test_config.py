@@ -60,6 +60,8 @@ def test_overrides_are_typed():
         (["train.beta1=1.5"], "train.beta1"),
         (["train.weight_decay=-0.1"], "train.weight_decay"),
         (["train.min_lr_ratio=2"], "train.min_lr_ratio"),
+        (["train.keep_best=true", "train.eval_every=0"], "train.keep_best"),  # nothing to choose from
+        (["train.keep_best=true", "train.eval_every=2000"], "train.keep_best"),  # validated at the end only
         (["train.steps=[1"], "train.steps"),  # not valid YAML
     ],
 )

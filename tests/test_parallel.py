@@ -206,8 +206,18 @@ def test_pipeline_with_data_or_tensor_parallel(config, single, tmp_path):
     assert_same_training(got["dp2_pp2_zero0"], single["staircase"], "dp2 x pp2 zero0")
     assert_same_training(got["dp2_pp2_zero1"], single["staircase"], "dp2 x pp2 zero1")
     assert_same_training(got["cached_relative_zero1"], single["cached_relative"], "dp2 x pp2 zero1 cached relative")
-    tp_pp = launch_runs(4, config, tmp_path / "tp_pp", {"tp2_pp2": ["parallel.tensor=2", *pp2, "model.activation_checkpointing=true"]})
+    # Validations do not change what is trained; train.keep_best gathers the weights it keeps.
+    keep_best = ["train.keep_best=true", "train.eval_every=2"]
+    tp_pp = launch_runs(4, config, tmp_path / "tp_pp", {"tp2_pp2": ["parallel.tensor=2", *pp2, "model.activation_checkpointing=true", *keep_best]})
     assert_same_training(tp_pp["tp2_pp2"], single["staircase"], "tp2 x pp2, activation checkpointing")
+    Trainer(load_config(config, [*keep_best, f"run_dir={tmp_path / 'one_process'}"]), quiet=True).train()
+    kept = {run: (json.loads((tmp_path / run / "results.json").read_text())["best"], torch.load(tmp_path / run / "best.pt")["model"])
+            for run in ("tp_pp/tp2_pp2", "one_process")}
+    (best, weights), (want_best, want_weights) = kept["tp_pp/tp2_pp2"], kept["one_process"]
+    assert best["step"] == want_best["step"] and best["test"]["loss"] == pytest.approx(want_best["test"]["loss"], rel=TOL)
+    assert weights.keys() == want_weights.keys()
+    for name, want_tensor in want_weights.items():
+        assert float((weights[name] - want_tensor).norm() / want_tensor.norm()) <= TOL, f"best.pt: {name}"
 
 
 @pytest.mark.parametrize("handles", ["per_operation", "per_batch"])

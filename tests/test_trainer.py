@@ -14,6 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stairscale.bench import bench_step
+from stairscale.cli import evaluate_run
 from stairscale.config import load_config
 from stairscale.errors import CheckpointError, ConfigError, DataError
 from stairscale.train.checkpoint import load_checkpoint, save_checkpoint
@@ -57,6 +58,32 @@ def test_training_writes_results_tensorboard_and_checkpoint(tmp_path, tiny, task
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/error", "train/lr", "train/grad_norm", "train/tokens_per_s", "valid/error", "test/loss"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+
+
+def test_keep_best_keeps_the_weights_of_the_best_validation(tmp_path, tiny):
+    """best.pt holds the weights of the step whose validation was best (the weights a shorter run
+    ends with, bit for bit), and results.json scores them on the test split as `eval` does."""
+    walk = ["task.name=random_walk", "task.train_lengths=[20]", "task.train_length_steps=[0]", "task.eval_length=40",
+            "train.lr_schedule=constant", "train.warmup_steps=0", "train.lr=0.03", "train.eval_every=2"]
+    results = Trainer(tiny(tmp_path, "train.steps=8", "train.keep_best=true", *walk), quiet=True).train()
+    run = tmp_path / "run"
+    validations = [(point["valid_error"], point["step"]) for point in results["curve"]]
+    assert [step for _, step in validations] == [2, 4, 6, 8]
+    best = results["best"]
+    assert best["step"] == min(validations)[1]  # the first of equal errors
+    assert best["valid"]["error"] == min(validations)[0]
+    assert json.loads((run / "results.json").read_text())["best"] == json.loads(json.dumps(best))
+
+    shorter = tmp_path / "shorter"
+    Trainer(tiny(shorter, f"train.steps={best['step']}", *walk), quiet=True).train()
+    kept, ended = load_checkpoint(run, "best.pt"), load_checkpoint(shorter / "run")
+    assert kept["step"] == best["step"]
+    assert kept["model"].keys() == ended["model"].keys()
+    assert all(torch.equal(kept["model"][name], ended["model"][name]) for name in kept["model"])
+
+    scored = evaluate_run(str(run), "test", weights="best")
+    assert scored["loss"] == pytest.approx(best["test"]["loss"], rel=1e-9)
+    assert scored["error"] == pytest.approx(best["test"]["error"], abs=1e-9)
 
 
 def test_text_task_reports_bits_per_byte(tmp_path, tiny):

@@ -32,6 +32,16 @@ def check_same_data(fingerprint: str, root: str, layout: Layout) -> None:
                         "give every node the same corpus and versions, or one prepared data.dir")
 
 
+def any_rank(flag: bool, layout: Layout, device: torch.device) -> bool:
+    """True on every rank where it is true on any: for a decision only some ranks can make (the
+    last pipeline stage holds the scores) that every rank must follow."""
+    if not layout.distributed:
+        return flag
+    value = torch.tensor([int(flag)], device=device)  # on the device the default group's backend needs
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def sum_over_data_parallel(value: int | float | torch.Tensor, layout: Layout) -> int | float | torch.Tensor:
     """The sum over the data-parallel ranks; in one process the value itself (a device tensor stays
     on the device)."""

@@ -13,14 +13,15 @@ import torch
 from stairscale.config import RunConfig, load_config
 from stairscale.errors import CheckpointError, ConfigError
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.pt"  # the weights at the end of the run
+BEST = "best.pt"  # train.keep_best: the weights of the best validation
 RESULTS = "results.json"
 
 
-def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
+def save_checkpoint(run_dir: str | Path, payload: dict, name: str = CHECKPOINT) -> Path:
     """Write the payload with a digest of its weights; if that fails, the earlier checkpoint (if
     any) stays as it was."""
-    path = Path(run_dir) / CHECKPOINT
+    path = Path(run_dir) / name
     tmp = path.with_suffix(".pt.tmp")
     try:
         torch.save({**payload, "model_sha256": weights_digest(payload["model"])}, tmp)
@@ -34,11 +35,12 @@ def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
     return path
 
 
-def load_checkpoint(run_dir: str | Path) -> dict:
+def load_checkpoint(run_dir: str | Path, name: str = CHECKPOINT) -> dict:
     """The checkpoint's payload; tensors and plain values only (no pickled code runs)."""
-    path = Path(run_dir) / CHECKPOINT
+    path = Path(run_dir) / name
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path} (was the run finished or saved?)")
+        hint = "did the run keep its best weights? see train.keep_best" if name == BEST else "was the run finished or saved?"
+        raise CheckpointError(f"no checkpoint at {path} ({hint})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which file
@@ -65,7 +67,7 @@ NOT_THE_RUN = ("run_dir", "data.cache", "data.workers", "data.prefetch", "train.
 
 
 def holds_a_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in (CHECKPOINT, RESULTS))
+    return any((run_dir / name).exists() for name in (CHECKPOINT, BEST, RESULTS))
 
 
 def refuse_another_run(cfg: RunConfig) -> None:

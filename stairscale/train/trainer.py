@@ -31,7 +31,7 @@ from stairscale.parallel import collectives
 from stairscale.parallel.groups import Layout, check_layout, init_distributed
 from stairscale.parallel.model import build_model, full_state_dict
 from stairscale.train.carried_offset import CarriedOffset
-from stairscale.train.checkpoint import RESULTS, refuse_another_run, save_checkpoint
+from stairscale.train.checkpoint import BEST, CHECKPOINT, RESULTS, refuse_another_run, save_checkpoint
 from stairscale.train.metrics import Tally, headline
 from stairscale.train.optimizer import build_optimizer
 
@@ -185,6 +185,8 @@ class Trainer:
         self.history: list[dict] = []  # loss and gradient norm of every step
         self.unread: list[tuple] = []  # the same, for the steps since the last log line, still on the device
         self.label_shifts: list[CarriedOffset] | None = None  # train.carried_offset_stages
+        self.best: dict | None = None  # train.keep_best: step, validation and test of the best weights so far
+        self.best_test: Tally | None = None
 
     def _open_run_dir(self) -> SummaryWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +220,7 @@ class Trainer:
                 self._read_back_history()
                 self._log_progress(progress, done, lr, self.history[-1]["grad_norm"])
             if t.eval_every and done % t.eval_every == 0 and done < t.steps:
-                self._evaluate("valid", done)
+                self._validate(done)
                 progress.restart_clock()
         return self._finish(time.perf_counter() - progress.started)
 
@@ -312,15 +314,14 @@ class Trainer:
     def _finish(self, train_seconds: float) -> dict:
         """Checkpoint (single-device weights), then final validation and test, and results.json."""
         steps = self.cfg.train.steps
-        weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)
-        if self.layout.reports:
-            save_checkpoint(self.run_dir, {"model": weights, "step": steps, "layout": dataclasses.asdict(self.layout)})
-        results = {"train_seconds": train_seconds, "valid": self._evaluate("valid", steps)}
-        test = self._tally("test")
-        results["test"] = test.summary()
+        self._save(CHECKPOINT, steps)
+        results = {"train_seconds": train_seconds, "valid": self._validate(steps)}
+        test = self.best_test if self.best and self.best["step"] == steps else self._tally("test")
+        results.update(self._test_results(test))
         self._scalars("test", results["test"], steps)
-        if self.dataset.labelled:
-            results["test_error_by_position"] = test.error_by_position(bucket=32)
+        if self.best:
+            results["best"] = self.best
+            self.log(f"best validation at step {self.best['step']}: test {headline(self.best['test'])} ({BEST})")
         results.update(self._facts())
         results["curve"] = self.curve
         results["steps"] = self.history
@@ -329,6 +330,34 @@ class Trainer:
             (self.run_dir / RESULTS).write_text(json.dumps(results, indent=2))
             self.writer.close()
         return results
+
+    def _save(self, name: str, step: int) -> None:
+        weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)  # a collective: every rank calls it
+        if self.layout.reports:
+            save_checkpoint(self.run_dir, {"model": weights, "step": step, "layout": dataclasses.asdict(self.layout)}, name)
+
+    def _test_results(self, test: Tally) -> dict:
+        results = {"test": test.summary()}
+        if self.dataset.labelled:
+            results["test_error_by_position"] = test.error_by_position(bucket=32)
+        return results
+
+    def _validate(self, step: int) -> dict:
+        """Score the validation split; with train.keep_best, weights better than any before are
+        written to best.pt and scored on the test split."""
+        valid = self._evaluate("valid", step)
+        if self.cfg.train.keep_best and self._improves(valid):
+            self._save(BEST, step)
+            self.best_test = self._tally("test")
+            self.best = {"step": step, "valid": valid, **self._test_results(self.best_test)}
+            self.log(f"  the best validation so far: weights kept as {BEST}")
+        return valid
+
+    def _improves(self, valid: dict) -> bool:
+        """Whether these weights beat the best so far; every rank follows the last pipeline stage,
+        which holds the scores."""
+        better = self.layout.last_stage and (self.best is None or selection_score(valid) < selection_score(self.best["valid"]))
+        return collectives.any_rank(better, self.layout, self.device)
 
     def _tally(self, split: str) -> Tally:
         loader = make_loader(self.cfg, self.data_root, split, training=False, layout=self.layout)
@@ -370,6 +399,11 @@ class Trainer:
             f"{t.lanes} lanes x {t.segment_len} tokens x {t.steps} steps on {self.device}, {facts['layout']}; "
             f"run dir {self.run_dir}"
         )
+
+
+def selection_score(summary: dict) -> float:
+    """What train.keep_best minimises: the error where the task has one, else the loss."""
+    return summary.get("error", summary["loss"])
 
 
 def reach(cfg: RunConfig) -> int | None:
