@@ -260,9 +260,43 @@ def test_corrupt_tar(copy, field, garbage, message):
 def test_a_sample_longer_than_the_manifest_says(copy):
     manifest, shard = first_shard(copy)
     shard["lengths"][0] += 8  # the lane plan would drift from here on
+    shard["tokens"] += 8
     del shard["tokens_at"]
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=f"{shard['file']}, sample 000000000: {shard['lengths'][0] - 8} tokens, but the manifest lists"):
+        read_all(copy)
+
+
+def test_an_edited_manifest_cannot_drop_documents(copy):
+    """A manifest entry that lists fewer documents than its shard holds is refused: with the
+    counts left as they were, or made to agree, or with the shard's first document left out."""
+    manifest, shard = first_shard(copy)
+    original = json.dumps(manifest)
+    where = f"{MANIFEST}: split train, shard 0"
+
+    def without_document(index: int) -> None:
+        for key in ("lengths", "tokens_at", "labels_at"):
+            if shard[key] is not None:  # labels_at: labelled tasks only
+                del shard[key][index]
+
+    without_document(1)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"{where}: {shard['documents'] - 1} lengths for {shard['documents']} documents"):
+        read_all(copy)
+    shard["documents"] -= 1
+    shard["tokens"] = sum(shard["lengths"])
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"{shard['file']}: {shard['documents'] + 1} samples, but the manifest lists {shard['documents']}"):
+        read_all(copy)
+
+    manifest = json.loads(original)
+    shard = manifest["splits"]["train"]["shards"][0]
+    without_document(0)
+    shard["documents"] -= 1
+    shard["tokens"] = sum(shard["lengths"])
+    shard["first_document"] += 1
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"{shard['file']}: {shard['documents'] + 1} samples, but the manifest lists {shard['documents']}"):
         read_all(copy)
 
 

@@ -117,15 +117,25 @@ class _LaneData(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = [int(x) for x in np.array_split(np.array(self.lanes, dtype=int), workers)[worker]]
-        dataset = Dataset(self.spec.root, self.spec.on_bad_sample)
-        shards = dataset.shards(self.spec.split)
-        epoch, step = self.epoch, self.step
-        while True:
-            plan = plan_epoch(self.spec, shards, epoch)
-            yield from epoch_segments(self.spec, dataset, plan, mine, step)
-            if not self.spec.shuffle:
-                return
-            epoch, step = epoch + 1, 0
+        try:
+            dataset = Dataset(self.spec.root, self.spec.on_bad_sample)
+            shards = dataset.shards(self.spec.split)
+            epoch, step = self.epoch, self.step
+            while True:
+                plan = plan_epoch(self.spec, shards, epoch)
+                yield from epoch_segments(self.spec, dataset, plan, mine, step)
+                if not self.spec.shuffle:
+                    return
+                epoch, step = epoch + 1, 0
+        except DataError as err:  # passed on as an item: torch would re-raise it with this worker's traceback
+            yield _Failed(str(err))
+
+
+@dataclass
+class _Failed:
+    """A DataError met while reading, on its way to the loader's caller."""
+
+    message: str
 
 
 class LaneLoader:
@@ -169,6 +179,9 @@ class LaneLoader:
                 parts = [next(items) for _ in range(groups)]  # workers answer in turn, in lane order
             except StopIteration:
                 return
+            for part in parts:
+                if isinstance(part, _Failed):
+                    raise DataError(part.message)
             self.step += 1
             if self.step == self.steps_per_epoch():
                 self.epoch, self.step = self.epoch + 1, 0

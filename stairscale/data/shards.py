@@ -244,8 +244,10 @@ class Dataset:
         with _manifest_entry(self.root / MANIFEST, f"split {split}"):
             for i, s in enumerate(self.splits[split]["shards"]):
                 with _manifest_entry(self.root / MANIFEST, f"split {split}, shard {i}"):
-                    shards.append(Shard(split, i, self.root / s["file"], s["first_document"], s["documents"], s["tokens"],
-                                        s["sha256"], s["lengths"], s.get("tokens_at"), s.get("labels_at")))
+                    shard = Shard(split, i, self.root / s["file"], s["first_document"], s["documents"], s["tokens"],
+                                  s["sha256"], s["lengths"], s.get("tokens_at"), s.get("labels_at"))
+                    _check_entry(shard, f"{self.root / MANIFEST}: split {split}, shard {i}")
+                    shards.append(shard)
         return shards
 
     def read_shard(self, shard: Shard) -> ShardDocuments:
@@ -263,9 +265,12 @@ class Dataset:
         end = shard.tokens_at[-1] + _padded(shard.lengths[-1] * self.token_dtype.itemsize)
         if data[end : end + _BLOCK] != _ZEROS:
             return None
+        if not data.startswith(f"{shard.first_document:09d}.".encode()):  # the tar's first sample is the manifest's first
+            return None
         lengths = np.asarray(shard.lengths, dtype=np.int64)
-        tokens = _gather(data, shard.tokens_at, lengths, self.token_dtype)
-        labels = _gather(data, shard.labels_at, lengths, self.label_dtype) if self.labelled else None
+        keys = [f"{shard.first_document + i:09d}" for i in range(shard.documents)]
+        tokens = _gather(data, shard.tokens_at, lengths, self.token_dtype, keys, "tokens")
+        labels = _gather(data, shard.labels_at, lengths, self.label_dtype, keys, "labels") if self.labelled else None
         if tokens is None or (self.labelled and labels is None) or (lengths == 0).any():
             return None
         if not _in_vocab(tokens, len(self.vocab)) or (labels is not None and not _in_vocab(labels[labels != IGNORE], len(self.vocab))):
@@ -281,6 +286,10 @@ class Dataset:
         samples = list(_samples(data, shard.path))
         if len(samples) != shard.documents:
             raise DataError(f"shard {shard.path}: {len(samples)} samples, but the manifest lists {shard.documents}")
+        for i, (key, _) in enumerate(samples):
+            if key != f"{shard.first_document + i:09d}":
+                raise DataError(f"shard {shard.path}: sample {i} is {key!r}, but the manifest lists document "
+                                f"{shard.first_document + i} there")
         docs = [self._checked(shard, key, members, n) for (key, members), n in zip(samples, shard.lengths)]
         # Under on_bad_sample="skip" a bad sample keeps its place, as padding of the manifest's length
         # (id SKIPPED), so that the lane plan, made from those lengths, still holds.
@@ -352,6 +361,16 @@ def _outside(ids: np.ndarray, vocab_size: int, ignore_label_ok: bool) -> np.ndar
     ids = ids.astype(np.int64)
     bad = (ids < 0) | (ids >= vocab_size)
     return bad & (ids != IGNORE) if ignore_label_ok else bad
+
+
+def _check_entry(shard: Shard, where: str) -> None:
+    """A shard's manifest entry agrees with itself (an edited manifest could else drop documents)."""
+    listed = {"lengths": shard.lengths, "tokens_at": shard.tokens_at, "labels_at": shard.labels_at}
+    for key, values in listed.items():
+        if values is not None and len(values) != shard.documents:
+            raise DataError(f"{where}: {len(values)} {key} for {shard.documents} documents")
+    if sum(shard.lengths) != shard.tokens:
+        raise DataError(f"{where}: lengths sum to {sum(shard.lengths)} tokens, but tokens is {shard.tokens}")
 
 
 @contextlib.contextmanager
@@ -432,13 +451,17 @@ def _padded(size: int) -> int:
     return -(-size // _BLOCK) * _BLOCK
 
 
-def _gather(data: bytes, offsets: list[int], lengths: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+def _gather(data: bytes, offsets: list[int], lengths: np.ndarray, dtype: np.dtype, keys: list[str], field: str) -> np.ndarray | None:
     """All payloads at the manifest's offsets, as one flat array (no per-member parsing); None
-    unless every payload's tar header announces exactly the size the manifest expects."""
+    unless every payload's tar header names the sample's `field` member and announces exactly
+    the size the manifest expects."""
     buf = np.frombuffer(data, dtype=np.uint8)
     starts = np.asarray(offsets, dtype=np.int64)
     nbytes = lengths * dtype.itemsize
     if len(starts) != len(lengths) or (starts < _BLOCK).any() or (starts + nbytes > len(buf)).any():
+        return None
+    names = np.frombuffer("".join(f"{key}.{field}\0" for key in keys).encode(), dtype=np.uint8).reshape(len(keys), -1)
+    if not np.array_equal(buf[(starts - _BLOCK)[:, None] + np.arange(names.shape[1])], names):
         return None
     digits = buf[(starts - _BLOCK + 124)[:, None] + np.arange(11)].astype(np.int64) - ord("0")
     if ((digits < 0) | (digits > 7)).any() or ((digits * 8 ** np.arange(10, -1, -1)).sum(1) != nbytes).any():

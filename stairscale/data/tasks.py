@@ -452,7 +452,7 @@ class TextTask:
             with open(full, "rb") as f:
                 return f.read()
         except OSError as err:
-            raise OSError(f"cannot read text file {full!r}: {err}") from err
+            raise DataError(f"task.path {self.path}: cannot read {full}: {err.strerror or err}") from err
 
 
 def _byte_name(b: int) -> str:
