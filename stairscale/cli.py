@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare = commands.add_parser("prepare-data", help="write the task's splits as webdataset shards with a manifest")
     prepare.add_argument("--config", action=Once, help="YAML run config (its task section, and train.lanes and data.shard_docs for the shards)")
     prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    prepare.add_argument("--out", required=True, help="dataset directory to write")
+    prepare.add_argument("--out", required=True, help="dataset directory to write (new or empty)")
+    prepare.add_argument("--replace", action="store_true", help="replace the dataset --out holds (a run reading it would fail)")
 
     bench = commands.add_parser("bench", help="measure a part of the system")
     bench.add_argument("what", choices=["data", "step", "pipeline"],
@@ -107,7 +108,7 @@ def run_command(args: argparse.Namespace) -> int:
 
             cfg = load_config(args.config, args.set)
             check_writable_dir(args.out, "--out")
-            manifest = prepare_dataset(cfg, args.out)
+            manifest = prepare_dataset(cfg, args.out, args.replace)
             for split, info in manifest["splits"].items():
                 print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")
         elif args.command == "bench":

@@ -122,6 +122,15 @@ class TaskConfig:
     def stages(self) -> int:
         return len(self.train_lengths) if self.name == "random_walk" else 1
 
+    def dataset_keys(self) -> list[str]:
+        """The keys that decide this task's prepared dataset (the others do not apply to it, or,
+        like train_length_steps, only schedule its use)."""
+        if self.name == "random_walk":
+            return ["name", "positions", "train_lengths", "eval_length", "eval_docs", "train_docs", "train_length_spread", "seed"]
+        if self.name == "algorithmic":
+            return ["name", "variables", "eval_docs", "seed"]
+        return ["name", "path", "format", "piece_len", "tokenizer"] + (["bpe_vocab"] if self.tokenizer == "bpe" else [])
+
     def validate(self) -> None:
         need = _checker("task")
 

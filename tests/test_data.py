@@ -19,7 +19,7 @@ import webdataset as wds
 
 from stairscale.config import DataConfig, RunConfig, TaskConfig, TrainConfig
 from stairscale.data.loader import LaneLoader, LoaderSpec
-from stairscale.data.prepare import content_hash, prepare_dataset
+from stairscale.data.prepare import check_prepared_for, content_hash, prepare_dataset
 from stairscale.data.shards import MANIFEST, Dataset, Shard
 from stairscale.data.tasks import TextTask
 from stairscale.errors import DataError
@@ -231,6 +231,70 @@ def test_checksum_mismatch(copy):
         read_all(copy)
 
 
+def test_a_data_error_in_a_loader_worker_is_the_error_itself(copy):
+    """torch would re-raise a worker's error with the worker's traceback in its message."""
+    _, shard = first_shard(copy)
+    path = copy / shard["file"]
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    for workers in (0, 2):
+        with pytest.raises(DataError) as caught:
+            list(LaneLoader(spec(copy), workers=workers, prefetch=2))
+        assert str(caught.value) == f"shard {path}: sha256 does not match the manifest (changed or corrupt)", workers
+
+
+def test_manifest_fields_that_cannot_describe_the_data(copy):
+    manifest = json.loads((copy / MANIFEST).read_text())
+    edits = [
+        (lambda m: m["vocab"].update(pad_id=999), "vocab.pad_id 999 is not an id of the vocabulary of 258"),
+        (lambda m: m["vocab"].update(bos_id=None), "vocab.bos_id None is not an id"),
+        (lambda m: m.update(labelled=True), "labelled True does not fit the task 'text'"),
+        (lambda m: m.update(source=None), "missing or malformed field"),
+        (lambda m: m.update(splits=[]), "splits is a list"),
+    ]
+    for edit, message in edits:
+        changed = json.loads(json.dumps(manifest))
+        edit(changed)
+        (copy / MANIFEST).write_text(json.dumps(changed))
+        with pytest.raises(DataError, match=f"{MANIFEST}: .*{message}"):
+            read_all(copy)
+    (copy / MANIFEST).write_text("[]")
+    with pytest.raises(DataError, match=f"{MANIFEST}: format 'list' is not"):
+        read_all(copy)
+
+
+def test_a_text_dataset_is_checked_against_the_text_keys_only(copy):
+    source = json.loads((copy / MANIFEST).read_text())["source"]
+    task = TaskConfig(name="text", path=source["path"], train_lengths=[32], eval_length=512, positions=16)
+    check_prepared_for(copy, task)  # the random walk's keys do not apply to text
+    with pytest.raises(Exception, match="task.piece_len"):
+        check_prepared_for(copy, dataclasses.replace(task, piece_len=99))
+
+
+def test_an_unreadable_corpus_file_is_named(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"file{i}.txt").write_text("text " * 10)
+    (corpus / "unreadable.txt").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO), even for root
+    task = TextTask(path=str(corpus), format="files")
+    with pytest.raises(DataError, match=f"task.path {corpus}: cannot read {corpus / 'unreadable.txt'}: Input/output error"):
+        for split in ("train", "valid", "test"):
+            task.documents(split)
+
+
+def test_a_corrupt_evaluation_shard_fails_before_training(tmp_path):
+    cli = [sys.executable, "-m", "stairscale.cli"]
+    walk = ["--set", "task.eval_docs=8", "--set", "task.train_docs=64", "--set", "train.lanes=4"]
+    prepared = subprocess.run(cli + ["prepare-data", "--out", str(tmp_path / "walk"), *walk], capture_output=True, text=True)
+    assert prepared.returncode == 0, prepared.stderr
+    shard = tmp_path / "walk" / "test" / "shard-00003.tar"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    run = subprocess.run(cli + ["train", *walk, "--set", f"data.dir={tmp_path / 'walk'}", "--set", f"run_dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and f"shard {shard}: sha256 does not match" in run.stderr, run.stderr[-2000:]
+    assert "step " not in run.stdout
+
+
 def test_truncated_tar(copy):
     manifest, shard = first_shard(copy)
     path = copy / shard["file"]
@@ -418,9 +482,17 @@ def test_prepare_data_never_replaces_a_directory_that_is_not_a_dataset(tmp_path)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     first = prepare_dataset(cfg, tmp_path / "walks")
     cfg.task.seed = 1
-    second = prepare_dataset(cfg, tmp_path / "walks")  # an earlier dataset is replaced
+    with pytest.raises(DataError, match="walks holds a dataset; nothing was written: .*prepare-data --replace"):
+        prepare_dataset(cfg, tmp_path / "walks")  # a run may be reading it
+    second = prepare_dataset(cfg, tmp_path / "walks", replace=True)
     assert json.loads((tmp_path / "walks" / MANIFEST).read_text()) == second != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "walks"]
+    # Files of the user's inside a dataset are never deleted with it.
+    (tmp_path / "walks" / "NOTES.md").write_text("keep me")
+    (tmp_path / "walks" / "valid" / "extra.tar").write_text("keep me")
+    with pytest.raises(DataError, match=r"walks holds a dataset and files that are not its own \(NOTES.md, valid/extra.tar\)"):
+        prepare_dataset(cfg, tmp_path / "walks", replace=True)
+    assert (tmp_path / "walks" / "NOTES.md").read_text() == (tmp_path / "walks" / "valid" / "extra.tar").read_text() == "keep me"
 
 
 def test_prepare_data_stopped_by_sigterm_leaves_nothing_behind(tmp_path):

@@ -67,8 +67,8 @@ def check_a_shard_per_lane(root: str, split: str, shards: list[Shard], lanes: in
         documents = sum(shard.documents for shard in shards)
         raise DataError(
             f"dataset {root}: split {split} has {len(shards)} shards ({documents} documents) for {lanes} lanes; a lane "
-            "reads whole shards, so some lanes would train on padding only. Prepare it with this run's train.lanes and "
-            "data.shard_docs 0 (a shard per lane, given enough documents), or use fewer lanes"
+            "reads whole shards, so some lanes would train on padding only. Prepare it again, into a new directory, with "
+            "this run's train.lanes and data.shard_docs 0 (a shard per lane, given enough documents), or use fewer lanes"
         )
 
 

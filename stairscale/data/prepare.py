@@ -19,14 +19,11 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from stairscale.config import RunConfig, TaskConfig, check_writable_dir
-from stairscale.data.shards import MANIFEST, Dataset, check_replaceable, write_dataset
+from stairscale.data.shards import MANIFEST, TOKENIZER, Dataset, check_replaceable, write_dataset
 from stairscale.data.tasks import AlgorithmicTask, Document, RandomWalkTask, TextTask, Vocab
 from stairscale.errors import ConfigError, DataError
 
 # Task config keys that do not change the documents.
-_NOT_CONTENT = ("train_length_steps",)
-
-
 def build_task(cfg: TaskConfig) -> RandomWalkTask | AlgorithmicTask | TextTask:
     if cfg.name == "random_walk":
         return RandomWalkTask(positions=cfg.positions, seed=cfg.seed)
@@ -88,15 +85,15 @@ def shards_per_split(cfg: RunConfig) -> int:
     return max(64, cfg.train.lanes)
 
 
-def prepare_dataset(cfg: RunConfig, out_dir: str | Path) -> dict:
-    """Write the task's splits as shards under out_dir."""
-    check_replaceable(out_dir)  # before the work, not after
+def prepare_dataset(cfg: RunConfig, out_dir: str | Path, replace: bool = False) -> dict:
+    """Write the task's splits as shards under out_dir (`replace`: in place of an earlier dataset there)."""
+    check_replaceable(out_dir, replace)  # before the work, not after
     task = build_task(cfg.task)
     splits = {name: list(docs) for name, docs in task_splits(cfg.task).items()}
     vocab, files = task.vocab, {}
     if cfg.task.tokenizer == "bpe":
         sources = {name: task.sources(name) for name in splits}
-        vocab, splits, files["tokenizer.json"] = bpe_encode(splits, cfg.task.bpe_vocab, sources, cut_by_bytes=task.format != "files")
+        vocab, splits, files[TOKENIZER] = bpe_encode(splits, cfg.task.bpe_vocab, sources, cut_by_bytes=task.format != "files")
     if isinstance(task, TextTask):  # cut after tokenizing, so that no piece starts inside a character
         # Only the train split needs a piece per lane: evaluation pieces stay long, whatever the lanes.
         splits = {name: text_pieces(docs, cfg.task.piece_len, cfg.train.lanes if name == "train" else 1, vocab.bos_id)
@@ -107,7 +104,7 @@ def prepare_dataset(cfg: RunConfig, out_dir: str | Path) -> dict:
                         "goes to train, valid or test by a hash of its name (about 90/5/5%), so this corpus needs more "
                         "files, or one file cut by bytes (task.format=bytes); nothing was written")
     return write_dataset(out_dir, vocab, not isinstance(task, TextTask), splits, cfg.data.shard_docs,
-                         shards_per_split(cfg), dataclasses.asdict(cfg.task), files)
+                         shards_per_split(cfg), dataclasses.asdict(cfg.task), files, replace)
 
 
 def _text(doc: Document, where: str, cut_by_bytes: bool) -> str:
@@ -162,7 +159,7 @@ def bpe_encode(splits: dict[str, list[Document]], vocab_size: int, sources: dict
 
 def content_hash(cfg: RunConfig) -> str:
     """Names a cached dataset by what decides its shards: the task and the sharding."""
-    content = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k not in _NOT_CONTENT}
+    content = {key: getattr(cfg.task, key) for key in cfg.task.dataset_keys()}
     if cfg.task.name == "text":  # the same config over a changed corpus makes another dataset
         content["source"] = build_task(cfg.task).fingerprint()
         content["lanes"] = cfg.train.lanes  # a split with fewer texts than lanes is cut into one piece per lane
@@ -177,8 +174,8 @@ def content_hash(cfg: RunConfig) -> str:
 def check_prepared_for(root: Path, task: TaskConfig) -> None:
     """data.dir holds a dataset prepared with this task section (its manifest records the one it
     was prepared with): else the run would record one task and be scored on another."""
-    source = Dataset(root).manifest.get("source", {})
-    wanted = {key: value for key, value in dataclasses.asdict(task).items() if key not in _NOT_CONTENT}
+    source = Dataset(root).manifest["source"]
+    wanted = {key: getattr(task, key) for key in task.dataset_keys()}
     differ = [key for key, value in wanted.items() if key in source and source[key] != value]
     if differ:
         what = ", ".join(f"task.{key} {source[key]!r} (the run: {wanted[key]!r})" for key in differ)

@@ -31,18 +31,20 @@ from stairscale.data.tasks import IGNORE, Document, Vocab, label_dtype, token_dt
 from stairscale.errors import DataError
 
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"  # text with a trained tokenizer (task.tokenizer=bpe)
 FORMAT = "stairscale-shards/1"
 SKIPPED = -1  # the document id of a bad sample skipped under on_bad_sample="skip"
 
 
 def write_dataset(
     out_dir: str | Path, vocab: Vocab, labelled: bool, splits: dict[str, list[Document]], shard_docs: int, shards: int,
-    source: dict, files: dict[str, bytes] | None = None,
+    source: dict, files: dict[str, bytes] | None = None, replace: bool = False,
 ) -> dict:
     """Write every split as shards of `shard_docs` documents (0: as `shards` shards of nearly
-    equal document counts), any extra `files` (such as tokenizer.json), then the manifest."""
+    equal document counts), any extra `files` (such as tokenizer.json), then the manifest.
+    `replace`: an earlier dataset in out_dir may be replaced."""
     out_dir = Path(out_dir)
-    check_replaceable(out_dir)
+    check_replaceable(out_dir, replace)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.writing-"))
     umask = os.umask(0)
@@ -91,18 +93,28 @@ def _terminate_unwinds():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def check_replaceable(out_dir: Path) -> None:
-    """Only an empty directory or an earlier dataset may be replaced: never the user's files."""
+def check_replaceable(out_dir: Path, replace: bool) -> None:
+    """Only an empty directory, or with `replace` an earlier dataset that holds nothing but its
+    own files, may be replaced: never the user's files."""
     out_dir = Path(out_dir)
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
     try:
-        format = json.loads((out_dir / MANIFEST).read_text()).get("format")
-    except (OSError, ValueError):
-        format = None
-    if format != FORMAT:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        splits = manifest["splits"] if manifest.get("format") == FORMAT else None
+        own = {MANIFEST, TOKENIZER, *splits, *(shard["file"] for split in splits.values() for shard in split["shards"])}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        own = None
+    if own is None:
         raise DataError(f"{out_dir} exists and is not a stairscale dataset (no {MANIFEST} of format {FORMAT}); "
                         "nothing was written: choose an empty or new directory")
+    other = sorted(str(path.relative_to(out_dir)) for path in out_dir.rglob("*") if path.relative_to(out_dir).as_posix() not in own)
+    if other:
+        raise DataError(f"{out_dir} holds a dataset and files that are not its own ({', '.join(other[:3])}"
+                        f"{', ...' if len(other) > 3 else ''}); nothing was written: choose an empty or new directory")
+    if not replace:
+        raise DataError(f"{out_dir} holds a dataset; nothing was written: choose a new directory, or replace it "
+                        "(prepare-data --replace; a run reading it would then fail)")
 
 
 def _write_splits(tmp: Path, vocab: Vocab, labelled: bool, splits: dict[str, list[Document]], shard_docs: int, shards: int,
@@ -214,16 +226,25 @@ class Dataset:
             self.manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as err:
             raise DataError(f"{manifest_path}: not valid JSON: {err}") from err
-        if self.manifest.get("format") != FORMAT:
-            raise DataError(f"{manifest_path}: format {self.manifest.get('format')!r} is not {FORMAT}")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else type(self.manifest).__name__
+            raise DataError(f"{manifest_path}: format {found!r} is not {FORMAT}")
         with _manifest_entry(manifest_path):
             v = self.manifest["vocab"]
             self.vocab = Vocab(tuple(v["tokens"]), v["pad_id"], v["bos_id"])
             self.labelled = self.manifest["labelled"]
-            self.byte_level = self.manifest["source"].get("tokenizer", "bytes") == "bytes"
+            source = self.manifest["source"]
+            self.byte_level = source.get("tokenizer", "bytes") == "bytes"
             self.token_dtype = np.dtype(self.manifest["token_dtype"])
             self.label_dtype = np.dtype(self.manifest["label_dtype"])
             self.splits = self.manifest["splits"]
+            if not isinstance(self.splits, dict):
+                raise DataError(f"{manifest_path}: splits is a {type(self.splits).__name__}, not an object of splits")
+            for name, value in (("vocab.pad_id", self.vocab.pad_id), ("vocab.bos_id", self.vocab.bos_id)):
+                if not isinstance(value, int) or not 0 <= value < len(self.vocab):
+                    raise DataError(f"{manifest_path}: {name} {value!r} is not an id of the vocabulary of {len(self.vocab)}")
+            if self.labelled is not (source.get("name") != "text"):  # the text task predicts tokens; the others, labels
+                raise DataError(f"{manifest_path}: labelled {self.labelled!r} does not fit the task {source.get('name')!r}")
         self.on_bad_sample = on_bad_sample
         self.skipped: set[str] = set()  # the bad samples this reader skipped (on_bad_sample="skip")
 
@@ -254,6 +275,11 @@ class Dataset:
         """All documents of a shard, checked against the manifest; errors name shard and sample."""
         data = self._load(shard)
         return self._read_fast(shard, data) or self._read_each(shard, data)
+
+    def check_checksums(self, split: str) -> None:
+        """Every shard of the split is there and matches its sha256 (reads the split once)."""
+        for shard in self.shards(split):
+            self._load(shard)
 
     def _read_fast(self, shard: Shard, data: bytes) -> ShardDocuments | None:
         """Gather every document at the manifest's offsets; None if anything looks off, so the
@@ -378,7 +404,7 @@ def _manifest_entry(path: Path, where: str = ""):
     """Turn a missing manifest field into an error naming the manifest and the entry."""
     try:
         yield
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise DataError(f"{path}: {where + ': ' if where else ''}missing or malformed field {err}") from None
 
 

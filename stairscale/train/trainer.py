@@ -68,7 +68,8 @@ def make_loader(cfg: RunConfig, root, split: str, training: bool, layout: Layout
 
 def check_splits(dataset: Dataset, cfg: RunConfig) -> None:
     """Every split the run reads is there, holds something to predict, and, for training, a shard
-    per lane: fail now, not after training."""
+    per lane; the evaluation splits (small) are read whole and checked against their sha256: fail
+    now, not at the first validation or after training."""
     training = [train_split(cfg.task, i) for i in range(cfg.task.stages)]
     for split in [*training, "valid", "test"]:
         shards = dataset.shards(split)
@@ -84,6 +85,8 @@ def check_splits(dataset: Dataset, cfg: RunConfig) -> None:
         if missing:
             raise DataError(f"dataset {dataset.root}: split {split} lacks {len(missing)} of its shards ({missing[0]}, ...); "
                             "prepare the dataset again")
+    for split in ("valid", "test"):
+        dataset.check_checksums(split)
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
