@@ -285,8 +285,13 @@ def test_an_unreadable_corpus_file_is_named(tmp_path):
 def test_a_corrupt_evaluation_shard_fails_before_training(tmp_path):
     cli = [sys.executable, "-m", "stairscale.cli"]
     walk = ["--set", "task.eval_docs=8", "--set", "task.train_docs=64", "--set", "train.lanes=4"]
-    prepared = subprocess.run(cli + ["prepare-data", "--out", str(tmp_path / "walk"), *walk], capture_output=True, text=True)
+    prepare = cli + ["prepare-data", "--out", str(tmp_path / "walk"), *walk]
+    prepared = subprocess.run(prepare, capture_output=True, text=True)
     assert prepared.returncode == 0, prepared.stderr
+    again = subprocess.run(prepare, capture_output=True, text=True)
+    assert again.returncode == 1 and f"{tmp_path / 'walk'} holds a dataset; nothing was written" in again.stderr, again.stderr
+    replaced = subprocess.run(prepare + ["--replace"], capture_output=True, text=True)
+    assert replaced.returncode == 0, replaced.stderr
     shard = tmp_path / "walk" / "test" / "shard-00003.tar"
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
     run = subprocess.run(cli + ["train", *walk, "--set", f"data.dir={tmp_path / 'walk'}", "--set", f"run_dir={tmp_path / 'run'}"],

@@ -26,6 +26,7 @@ def test_every_planned_run_is_a_valid_fp32_config_with_its_compile_mode(tmp_path
                     assert len(cfg.task.train_length_steps) == len(budget.walk_lengths)
                     assert cfg.task.train_length_steps[0] == 0
                     assert cfg.train.carried_offset_stages == budget.walk_carried_offset_stages
+                assert cfg.train.keep_best == budget.keep_best
 
 
 def test_steps_scale_scales_steps_stage_boundaries_and_warm_up(tmp_path):
@@ -46,14 +47,20 @@ def test_fitting_to_minutes_refuses_an_out_that_holds_runs_before_measuring(tmp_
 def test_the_table_judges_the_targets_of_the_issue():
     def model(errors: dict[int, tuple[float, float]]) -> dict:
         walk = {n: {"error": e, "beyond_txl_reach": b, "error_by_position": [[0, e]]} for n, (e, b) in errors.items()}
-        return {"parameters": 1, "passes_per_token": 1, "walk": walk, "walk_curve": [], "algo_error": 80.0, "algo_curve": []}
+        return {"parameters": 1, "passes_per_token": 1, "walk": walk, "walk_curve": [], "algo_error": 80.0, "algo_curve": [],
+                "walk_scored_step": 900, "algo_scored_step": 100, "walk_final_weights_error": 20.0}
 
-    report = {"txl_reach": 64, "models": {
+    report = {"txl_reach": 64, "weights": "best", "models": {
         "transformer_xl": model({128: (51.0, 86.0), 1024: (85.0, 87.0)}),
         "ladder": model({128: (44.0, 83.0), 1024: (80.0, 86.0)}),
         "staircase": model({128: (0.5, 4.0), 1024: (12.0, 12.5)}),
     }}
-    targets = render(report).split("Targets (issue #2):\n")[1].split("\n\n")[0].splitlines()
+    table = render(report)
+    assert ("Scored: the weights of each run's best validation (train.keep_best), of steps transformer_xl 900 (walk) "
+            "and 100 (algorithmic), ladder 900 (walk)") in table
+    assert "final weights' error on the runs' own 128 test walks of 1024 tokens: transformer_xl 20.0%, ladder 20.0%" in table
+    assert "Scored: the final weights of every run." in render({**report, "weights": "final"})
+    targets = table.split("Targets (issue #2):\n")[1].split("\n\n")[0].splitlines()
     assert targets == [
         "- PASS: Transformer-XL from position 64 on 1024-token walks: 87.0%, within 10 points of chance (87.5%)",
         "- PASS: Staircase from position 64 on 1024-token walks: 12.5%, at most half the Transformer-XL's",
