@@ -9,6 +9,7 @@ from stairscale.data.lanes import Batch
 from stairscale.data.tasks import IGNORE
 from stairscale.errors import ConfigError
 from stairscale.train.carried_offset import BELIEF_TOKENS, CarriedOffset
+from stairscale.train.metrics import Tally
 from stairscale.train.trainer import Trainer
 
 RING, FIRST = 8, 5  # the random walk's ring and the token id of position 0
@@ -87,6 +88,46 @@ def test_training_on_carried_offset_labels_from_a_later_stage(walk, tmp_path, ca
     events.Reload()
     fractions = events.Scalars("train/shifted_labels")
     assert [e.step for e in fractions] == [10, 12, 14] and max(e.value for e in fractions) > 0
+
+
+def test_a_train_step_scores_and_measures_the_offset_against_the_true_labels(walk):
+    """Trained on shifted labels, the step counts its errors against the true labels and carries
+    the offset the model's guesses hold against the true labels. The head is biased to always
+    guess one position, so both are known from the batch alone."""
+    cfg = walk("run", "task.train_lengths=[40]", "task.train_length_steps=[0]", "task.train_length_spread=0",
+               "train.carried_offset_stages=[0]", "train.grad_accum=2", "train.steps=2")
+    trainer = Trainer(cfg, quiet=True)
+    guess = 3
+    with torch.no_grad():
+        trainer.model.head.proj.bias[FIRST + guess] += 1000.0
+    batches = trainer.batches()
+    step, batch, states = next(batches)
+    trainer.train_step(batch, states, 0.0, Tally(labelled=True, byte_level=False))
+    step, batch, states = next(batches)  # 40-token walks, 16-token segments: the second is inside every lane's walk
+    assert step == 1 and not batch.doc_start.any()
+    given = [torch.tensor([1, 2]), torch.tensor([5, 7])]  # per micro-batch of 2 lanes
+    for shift, offsets in zip(trainer.label_shifts, given):
+        shift.offset = offsets.clone()
+        shift.take_counts()
+    tally = Tally(labelled=True, byte_level=False)
+    loss, _ = trainer.train_step(batch, states, 0.0, tally)  # lr 0: the biased head stays as it is
+
+    true = batch.targets
+    supervised = true != IGNORE
+    assert supervised.all()
+    assert tally.count == int(supervised.sum())
+    assert tally.errors == int((true != FIRST + guess).sum())  # not the shifted labels' errors
+    offsets = torch.cat(given)
+    shifted = FIRST + (true - FIRST + offsets[:, None]) % RING
+    assert tally.errors != int((shifted != FIRST + guess).sum())  # so the check above tells them apart
+    # The loss as trained is on the shifted labels: about 1000 nats for each one the guess misses.
+    assert [shift.take_counts() for shift in trainer.label_shifts] == [(16 * 2, 16 * 2)] * 2
+    assert round(float(loss) * tally.count / 1000) == int((shifted != FIRST + guess).sum())
+    for lane in range(4):
+        tail = [(guess - (t - FIRST)) % RING for t in true[lane, -BELIEF_TOKENS:].tolist()]
+        commonest = min(range(RING), key=lambda o: (-tail.count(o), o))
+        carried = trainer.label_shifts[lane // 2].offset[lane % 2].item()
+        assert carried == commonest, (lane, tail)
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from stairscale.config import ModelConfig
+from stairscale.data.tasks import IGNORE
 from stairscale.model.lm import StaircaseLM
 from stairscale.model.schedules import make_schedule
 from stairscale.model.state import RecurrentState, Rows
@@ -296,6 +299,54 @@ def test_state_dict_round_trip():
     assert set(state.rows) == {"step0", "cache"}
 
 
+def test_scores_are_the_targets_negative_log_likelihood_and_the_argmax():
+    """Scores.nll is -log softmax at the target, 0 where the target is IGNORE; predicted is the
+    most likely token. Computed here from the head's weights with plain functional ops."""
+    model = make_model(**STATEFUL["staircase_n2"])
+    tokens, starts = stream(lanes=2, length=16)
+    gen = torch.Generator().manual_seed(5)
+    targets = torch.randint(0, VOCAB, (2, 16), generator=gen)
+    targets[:, 0] = 0  # the first class too (IGNORE is clamped to it for the gather)
+    ignored = torch.rand(2, 16, generator=gen) < 0.3
+    ignored[0, 1] = True
+    targets[ignored] = IGNORE
+    scores, _ = model(tokens, starts, targets, RecurrentState.initial(2))
+    final, _ = model.body(tokens, starts, RecurrentState.initial(2))
+    head = model.head
+    logits = torch.nn.functional.linear(torch.nn.functional.layer_norm(final, (16,), head.norm.weight, head.norm.bias, 1e-5),
+                                        head.proj.weight, head.proj.bias)
+    logprobs = logits - logits.logsumexp(-1, keepdim=True)
+    assert torch.equal(scores.nll[ignored], torch.zeros(int(ignored.sum()), dtype=scores.nll.dtype))
+    expected = torch.stack([-logprobs[b, t, targets[b, t]] for b, t in (~ignored).nonzero().tolist()])
+    assert (scores.nll[~ignored] - expected).abs().max() < 1e-5  # the head scores in float32
+    assert (scores.nll[~ignored] > 0).all()
+    assert torch.equal(scores.predicted, logits.argmax(-1))
+
+
+def test_initialisation_is_the_authors():
+    """N(0, 1) embedding; the output projections of attention (wo) and of the FFN (fc2, and its
+    bias) are PyTorch's default Linear init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) divided by sqrt(2L);
+    the other projections keep that default. Stds from a model large enough to estimate them to a
+    few percent."""
+    layers = 4
+    cfg = ModelConfig(d_model=256, n_layers=layers, n_heads=4, d_ff=1024)
+    torch.manual_seed(0)
+    model = StaircaseLM(cfg, 300, PAD)
+    uniform = lambda fan_in: 1 / (3 * fan_in) ** 0.5  # std of U(-b, b) with b = 1/sqrt(fan_in)
+    scaled = 1 / (2 * layers) ** 0.5
+    embedding = model.embed.weight
+    assert abs(embedding.mean().item()) < 0.01 and embedding.std().item() == pytest.approx(1.0, rel=0.03)
+    for layer in model.core.layers.values():
+        for unscaled in (layer.attn.q.weight, layer.attn.k.weight, layer.attn.v.weight):
+            assert unscaled.std().item() == pytest.approx(uniform(256), rel=0.03)
+        assert layer.ffn.fc1.weight.std().item() == pytest.approx(uniform(256), rel=0.03)
+        assert layer.ffn.fc1.bias.std().item() == pytest.approx(uniform(256), rel=0.15)
+        assert layer.attn.o.weight.std().item() == pytest.approx(uniform(256) * scaled, rel=0.03)
+        assert layer.ffn.fc2.weight.std().item() == pytest.approx(uniform(1024) * scaled, rel=0.03)
+        assert layer.ffn.fc2.bias.std().item() == pytest.approx(uniform(1024) * scaled, rel=0.15)
+        assert layer.ffn.fc2.bias.abs().max().item() <= 1024**-0.5 * scaled
+
+
 class HostReads(TorchDispatchMode):
     """Records the operations that make the host wait for the device: reading a value back, or an
     output whose shape depends on values (boolean indexing, nonzero)."""
@@ -329,6 +380,96 @@ def test_a_train_step_never_waits_for_the_device(name):
             scores, state = model(tokens[:, segment], starts[:, segment], tokens[:, segment], state)
             scores.nll.sum().backward()
     assert reads.seen == []
+
+
+class DeviceReads(HostReads):
+    """HostReads for a whole training step on the CPU, where the host's tensors and the device's
+    look alike: it follows which tensors a GPU run would hold on the device, and records only the
+    reads of those. On the device: parameters (and all computed from them: activations,
+    gradients, optimizer state), recurrent state, tensors made with `device=` a torch.device (the
+    run's device: torch's optimizer keeps its step counters on the host with device="cpu") or
+    moved with `.to(device)` (a copy here, as a transfer to a GPU makes), and all computed from
+    any of them. Reads of what the host batch alone gives (e.g. counting its supervised targets)
+    are allowed. Use `with device_reads, device_reads.transfers:`.
+
+    One CPU kernel reads where the CUDA one does not: one_hot with num_classes checks the range of
+    its input with min().item() and max().item() on the CPU only (ATen's one_hot: "rely on device
+    asserts from scatter to avoid sync here"); those reads are not counted."""
+
+    def __init__(self, *device_tensors):
+        super().__init__()
+        self.on_device = {}  # id -> tensor (held, so that an id is never reused)
+        self.cpu_only = 0  # inside a call whose reads a CUDA kernel does not make
+        self.mark(device_tensors)
+        reads = self
+
+        class Transfers(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in (torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist) and reads.holds(args[0]):
+                    reads.seen.append(func.__name__)
+                cpu_only = func is torch.nn.functional.one_hot and kwargs.get("num_classes", args[1] if len(args) > 1 else -1) != -1
+                reads.cpu_only += cpu_only
+                try:
+                    out = func(*args, **kwargs)
+                finally:
+                    reads.cpu_only -= cpu_only
+                if func is torch.Tensor.to and (any(isinstance(a, (torch.device, str)) for a in args[1:]) or "device" in kwargs):
+                    out = out.clone() if out is args[0] else out
+                    reads.mark([out])
+                elif isinstance(kwargs.get("device"), torch.device) or (func is torch.Tensor.to and reads.holds(args[0])):
+                    reads.mark(tree_flatten(out)[0])
+                return out
+
+        self.transfers = Transfers()
+
+    def mark(self, tensors) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self.on_device[id(t)] = t
+
+    def holds(self, *tensors) -> bool:
+        return any(isinstance(t, torch.Tensor) and id(t) in self.on_device for t in tensors)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = tree_flatten((args, kwargs))[0]
+        before = len(self.seen)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.cpu_only or not self.holds(*inputs):
+            del self.seen[before:]  # host values only (or a CPU kernel's own check): no wait for the device
+        else:
+            self.mark(tree_flatten(out)[0])
+        return out
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model.schedule=cached", "model.cache_len=8", "model.attn_lim=16", "train.grad_accum=2"],
+    ["train.carried_offset_stages=[0]", "train.grad_accum=2"],  # labels shifted on the device
+])
+def test_a_trainer_step_never_waits_for_the_device(tmp_path, overrides):
+    """Trainer.train_step as a whole (moving the batch, forward and backward of every micro-batch,
+    the tally, the optimizer step, carried offsets) queues its work without reading a value of the
+    device back; the host reads only what the batch it was given tells."""
+    from stairscale.config import load_config
+    from stairscale.train.metrics import Tally
+    from stairscale.train.trainer import Trainer
+
+    cfg = load_config(None, ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "model.chunk=4", "model.attn_lim=16",
+                             "train.lanes=4", "train.segment_len=16", "train.steps=3", "task.train_lengths=[24]",
+                             "task.train_length_steps=[0]", "task.eval_docs=4", "task.train_docs=40",
+                             f"data.cache={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}", *overrides])
+    trainer = Trainer(cfg, quiet=True)
+    tally = Tally(labelled=True, byte_level=False)
+    reads = DeviceReads(*trainer.model.parameters())  # one for every step: the optimizer's state stays marked
+    for step, batch, states in trainer.batches():
+        reads.mark([t for state in states for t in (state.doc, *(r.h for r in state.rows.values()))])
+        reads.mark([shift.offset for shift in trainer.label_shifts or []])
+        with reads, reads.transfers:
+            loss, grad_norm = trainer.train_step(batch, states, 1e-3, tally)
+        assert reads.seen == [], step
+    assert len(reads.on_device) > 100  # it did follow the device's tensors
+    assert tally.count > 0 and 0 < float(loss) < 10 and float(grad_norm) > 0
 
 
 def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():

@@ -18,7 +18,7 @@ from stairscale.cli import evaluate_run
 from stairscale.config import load_config
 from stairscale.errors import CheckpointError, ConfigError, DataError
 from stairscale.train.checkpoint import load_checkpoint, save_checkpoint
-from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_loader
+from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_loader, reach
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
         "model.chunk=4", "model.attn_lim=16", "train.log_every=2", "train.eval_every=3", "task.eval_docs=8",
@@ -126,6 +126,29 @@ def test_loss_decreases_on_the_random_walk(tmp_path, tiny):
     assert after < before - 0.3, (before, after)
 
 
+@pytest.mark.parametrize("schedule", [
+    ["model.schedule=staircase"],
+    ["model.schedule=cached", "model.cache_len=8", "model.attn_lim=16"],
+    ["model.schedule=transformer_xl", "model.mem_len=15"],
+])
+def test_evaluation_carries_state_across_segments(tmp_path, tiny, schedule):
+    """Scoring 40-token documents in segments of 8, 12 or 16 tokens gives what scoring each in one
+    unbroken segment of 40 gives: every lane's state is carried from one batch to the next."""
+    walk = ["task.train_lengths=[20]", "task.train_length_steps=[0]", "task.eval_length=40", *schedule]
+    trainer = Trainer(tiny(tmp_path, "train.segment_len=8", *walk), quiet=True)
+    tallies = {}
+    for segment in (40, 8, 12, 16):
+        cfg = tiny(tmp_path / str(segment), f"train.segment_len={segment}", *walk)
+        loader = make_loader(cfg, trainer.data_root, "test", training=False)
+        tallies[segment] = evaluate(trainer.model, cfg, loader, trainer.device)
+    whole = tallies.pop(40)
+    assert whole.count == 8 * 39  # eval_docs walks of 39 moves
+    for segment, tally in tallies.items():
+        assert tally.count == whole.count and tally.count_at.tolist() == whole.count_at.tolist()
+        assert tally.nll == pytest.approx(whole.nll, rel=1e-5), segment
+        assert tally.errors_at.tolist() == whole.errors_at.tolist(), segment
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny):
     """The same loss and gradient norm at every step (AdamW and clipping would hide a wrong gradient
     scale in the weights alone), and the same weights after."""
@@ -149,13 +172,17 @@ def assert_same_steps(got: list[dict], want: list[dict], rel: float = 1e-6) -> N
 def test_compiled_training_matches_eager(tmp_path, tiny):
     """train.compile through the real inductor backend: the same losses and gradient norms as eager,
     step by step, and the same weights after."""
-    runs, weights = {}, {}
+    runs, weights, graphs = {}, {}, {}
     for mode in ("none", "default"):
         cfg = tiny(tmp_path / mode, "train.steps=3", f"train.compile={mode}", "train.eval_every=0", "model.n_layers=1",
                    "model.schedule=transformer", "task.train_lengths=[16]", "task.train_length_steps=[0]", "task.eval_docs=4")
         trainer = Trainer(cfg, quiet=True)
+        torch._dynamo.utils.counters.clear()
         runs[mode] = trainer.train()
+        graphs[mode] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         weights[mode] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    # The compiled run did compile its core calls (training and evaluation: two graphs at least), the eager one nothing.
+    assert graphs == {"none": 0, "default": graphs["default"]} and graphs["default"] >= 2, graphs
     assert_same_steps(runs["default"]["steps"], runs["none"]["steps"], rel=1e-5)
     assert (weights["default"] - weights["none"]).abs().max() < 1e-5
     assert runs["default"]["test"]["loss"] == pytest.approx(runs["none"]["test"]["loss"], rel=1e-5)
@@ -356,6 +383,41 @@ def test_learning_rate_warms_up_decays_and_restarts_per_stage():
     for start in (0, 1000, 2000):  # every stage warms up again and decays to the floor
         assert lr[start] == pytest.approx(0.002 / 200) and lr[start + 199] == pytest.approx(0.002)
         assert lr[start + 999] == pytest.approx(0.0001, rel=0.01)
+
+
+def test_each_stage_peaks_at_its_own_learning_rate():
+    """train.stage_lr: every stage warms up to its own peak and decays to its own floor."""
+    stage_lr = [0.004, 0.001, 0.0005]  # none of them train.lr
+    cfg = load_config(None, ["train.steps=3000", "train.warmup_steps=200", "train.lr=0.002", "train.min_lr_ratio=0.05",
+                             "task.train_lengths=[64,128,256]", "task.train_length_steps=[0,1000,2000]",
+                             "train.lr_restarts=true", f"train.stage_lr={stage_lr}"])
+    lr = [learning_rate(cfg, s) for s in range(3000)]
+    for start, peak in zip((0, 1000, 2000), stage_lr):
+        stage = lr[start : start + 1000]
+        assert max(stage) == pytest.approx(peak) and stage[199] == pytest.approx(peak)
+        assert stage[0] == pytest.approx(peak / 200)
+        assert stage[-1] == pytest.approx(peak * 0.05, rel=0.01)
+        assert all(a >= b for a, b in zip(stage[199:], stage[200:]))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # The staircase family carries state without bound.
+    (["model.schedule=staircase", "model.chunk=8", "model.attn_lim=32"], None),
+    (["model.schedule=cached", "model.chunk=8", "model.cache_len=16", "model.attn_lim=32"], None),
+    (["model.schedule=global_cached", "model.chunk=8", "model.cache_len=64", "model.attn_lim=80"], None),
+    # Without memory, the segment or the stacked span of the layers (2 layers x 7 back + itself = 15), the shorter.
+    (["model.schedule=transformer", "model.attn_lim=8", "train.segment_len=64"], 15),
+    (["model.schedule=transformer", "model.attn_lim=64", "train.segment_len=16"], 16),
+    # Ladder without memory: 3 repeats x 2 layers x 7 back + 1 = 43, shorter than the segment.
+    (["model.schedule=ladder", "model.repeats=3", "model.attn_lim=8", "train.segment_len=64"], 43),
+    # With memory: span + memory (32 + 32 = 64) beats the stack (2 x 31 + 1 = 63)...
+    (["model.schedule=transformer_xl", "model.attn_lim=32", "model.mem_len=32"], 64),
+    # ... or the stack wins: 4 layers x 31 + 1 = 125 > 32 + 32; the ladder's 3 x 2 x 31 + 1 = 187.
+    (["model.schedule=transformer_xl", "model.n_layers=4", "model.attn_lim=32", "model.mem_len=32"], 125),
+    (["model.schedule=ladder", "model.repeats=3", "model.attn_lim=32", "model.mem_len=32"], 187),
+])
+def test_reach_is_how_far_back_a_model_sees_without_carried_state(overrides, expected):
+    assert reach(load_config(None, ["model.n_layers=2", "train.segment_len=64", *overrides])) == expected
 
 
 def test_text_with_a_trained_bpe_tokenizer(tmp_path, tiny):
