@@ -20,6 +20,8 @@ import yaml
 from stairscale.cli import score_run
 from stairscale.errors import ConfigError, RunFailed
 
+TEST_WALKS = 256  # random-walk test documents scored per length
+
 PAPER = {  # error %, from the paper's Table (random walk, algorithmic)
     "transformer_xl": (84.1, 48.7),
     "ladder": (0.1, 45.1),
@@ -223,15 +225,18 @@ def score(out: Path, budget: Budget) -> dict:
             "walk": {},
             "walk_curve": walk_results["curve"],
             "walk_scored_step": _scored_step(walk_results, budget),
-            "walk_final_weights_error": walk_results["test"]["error"],  # on the run's own 128 test walks
             "algo_error": algo_scored["test"]["error"],
             "algo_scored_step": _scored_step(algo_results, budget),
             "algo_curve": algo_results["curve"],
             "algo_error_by_position": algo_scored["test_error_by_position"],
         }
+        # train_docs=1: the scoring dataset needs only the test split (which train_docs does not change)
+        walks = {length: [f"task.eval_length={length}", f"task.eval_docs={TEST_WALKS}", "task.train_docs=1"] for length in budget.walk_eval_lengths}
+        if budget.keep_best:  # the final weights on the same walks, for comparison
+            longest = budget.walk_eval_lengths[-1]
+            entry["walk_final_weights_error"] = score_run(str(walk_dir), "test", walks[longest], "final").summary()["error"]
         for length in budget.walk_eval_lengths:
-            # train_docs=1: the scoring dataset needs only the test split (which train_docs does not change)
-            tally = score_run(str(walk_dir), "test", [f"task.eval_length={length}", "task.eval_docs=256", "task.train_docs=1"], weights)
+            tally = score_run(str(walk_dir), "test", walks[length], weights)
             entry["walk"][length] = {
                 "error": tally.summary()["error"],
                 "beyond_txl_reach": tally.error_from(txl_reach),
@@ -273,7 +278,7 @@ def scored_lines(report: dict) -> str:
     final = ", ".join(f"{name} {e['walk_final_weights_error']:.1f}%" for name, e in models.items())
     longest = max(next(iter(models.values()))["walk"])
     return (f"Scored: the weights of each run's best validation (train.keep_best), of steps {steps}.\n"
-            f"For comparison, the final weights' error on the runs' own 128 test walks of {longest} tokens: {final}.")
+            f"For comparison, the final weights' error on the same {TEST_WALKS} test walks of {longest} tokens: {final}.")
 
 
 def render(report: dict) -> str:

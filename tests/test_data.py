@@ -337,35 +337,52 @@ def test_a_sample_longer_than_the_manifest_says(copy):
 
 
 def test_an_edited_manifest_cannot_drop_documents(copy):
-    """A manifest entry that lists fewer documents than its shard holds is refused: with the
-    counts left as they were, or made to agree, or with the shard's first document left out."""
-    manifest, shard = first_shard(copy)
-    original = json.dumps(manifest)
-    where = f"{MANIFEST}: split train, shard 0"
+    """A manifest that lists fewer documents than the shards hold is refused, however consistently
+    it was edited: an entry's counts, the shards' document ranges, the split's total, the tar."""
+    original = (copy / MANIFEST).read_text()
 
-    def without_document(index: int) -> None:
+    def edit(index: int, documents_dropped: bool, first_moved: bool, split_total: bool) -> tuple[dict, dict]:
+        manifest = json.loads(original)
+        shard = manifest["splits"]["train"]["shards"][0]
         for key in ("lengths", "tokens_at", "labels_at"):
             if shard[key] is not None:  # labels_at: labelled tasks only
                 del shard[key][index]
+        shard["documents"] -= documents_dropped
+        shard["tokens"] = sum(shard["lengths"])
+        shard["first_document"] += first_moved
+        manifest["splits"]["train"]["documents"] -= split_total
+        (copy / MANIFEST).write_text(json.dumps(manifest))
+        return manifest, shard
 
-    without_document(1)
-    (copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=f"{where}: {shard['documents'] - 1} lengths for {shard['documents']} documents"):
+    _, shard = edit(1, documents_dropped=False, first_moved=False, split_total=False)
+    with pytest.raises(DataError, match=f"{MANIFEST}: split train, shard 0: {shard['documents'] - 1} lengths for {shard['documents']} documents"):
         read_all(copy)
-    shard["documents"] -= 1
-    shard["tokens"] = sum(shard["lengths"])
-    (copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=f"{shard['file']}: {shard['documents'] + 1} samples, but the manifest lists {shard['documents']}"):
+    manifest, _ = edit(1, documents_dropped=True, first_moved=False, split_total=False)
+    with pytest.raises(DataError, match=f"{MANIFEST}: split train, shard 1: first_document 3, but the shards before it hold 2 documents"):
         read_all(copy)
-
+    edit(0, documents_dropped=True, first_moved=True, split_total=False)
+    with pytest.raises(DataError, match=f"{MANIFEST}: split train, shard 0: first_document 1, but the shards before it hold 0 documents"):
+        read_all(copy)
+    manifest = json.loads(original)  # a whole shard's entry deleted
+    last = manifest["splits"]["train"]["shards"].pop()
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    total = manifest["splits"]["train"]["documents"]
+    with pytest.raises(DataError, match=f"{MANIFEST}: split train lists {total} documents, its shards {total - last['documents']}"):
+        read_all(copy)
+    # The manifest consistent with itself, the shard's tar not: the tar's samples are counted.
     manifest = json.loads(original)
-    shard = manifest["splits"]["train"]["shards"][0]
-    without_document(0)
+    shards = manifest["splits"]["train"]["shards"]
+    shard = shards[0]
+    for key in ("lengths", "tokens_at", "labels_at"):
+        if shard[key] is not None:
+            del shard[key][-1]
     shard["documents"] -= 1
     shard["tokens"] = sum(shard["lengths"])
-    shard["first_document"] += 1
+    for later in shards[1:]:
+        later["first_document"] -= 1
+    manifest["splits"]["train"]["documents"] -= 1
     (copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=f"{shard['file']}: {shard['documents'] + 1} samples, but the manifest lists {shard['documents']}"):
+    with pytest.raises(DataError, match=f"{shard['file']}: 3 samples, but the manifest lists 2"):
         read_all(copy)
 
 

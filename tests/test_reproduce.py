@@ -58,7 +58,7 @@ def test_the_table_judges_the_targets_of_the_issue():
     table = render(report)
     assert ("Scored: the weights of each run's best validation (train.keep_best), of steps transformer_xl 900 (walk) "
             "and 100 (algorithmic), ladder 900 (walk)") in table
-    assert "final weights' error on the runs' own 128 test walks of 1024 tokens: transformer_xl 20.0%, ladder 20.0%" in table
+    assert "final weights' error on the same 256 test walks of 1024 tokens: transformer_xl 20.0%, ladder 20.0%" in table
     assert "Scored: the final weights of every run." in render({**report, "weights": "final"})
     targets = table.split("Targets (issue #2):\n")[1].split("\n\n")[0].splitlines()
     assert targets == [

@@ -23,7 +23,7 @@ from stairscale.data.shards import MANIFEST, TOKENIZER, Dataset, check_replaceab
 from stairscale.data.tasks import AlgorithmicTask, Document, RandomWalkTask, TextTask, Vocab
 from stairscale.errors import ConfigError, DataError
 
-# Task config keys that do not change the documents.
+
 def build_task(cfg: TaskConfig) -> RandomWalkTask | AlgorithmicTask | TextTask:
     if cfg.name == "random_walk":
         return RandomWalkTask(positions=cfg.positions, seed=cfg.seed)

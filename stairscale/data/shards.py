@@ -99,19 +99,19 @@ def check_replaceable(out_dir: Path, replace: bool) -> None:
     out_dir = Path(out_dir)
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
+    refuse = "nothing was written: choose an empty or new directory"
+    if not (out_dir / MANIFEST).is_file():
+        raise DataError(f"{out_dir} exists and is not a stairscale dataset (no {MANIFEST}); {refuse}")
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
-        splits = manifest["splits"] if manifest.get("format") == FORMAT else None
-        own = {MANIFEST, TOKENIZER, *splits, *(shard["file"] for split in splits.values() for shard in split["shards"])}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        own = None
-    if own is None:
-        raise DataError(f"{out_dir} exists and is not a stairscale dataset (no {MANIFEST} of format {FORMAT}); "
-                        "nothing was written: choose an empty or new directory")
-    other = sorted(str(path.relative_to(out_dir)) for path in out_dir.rglob("*") if path.relative_to(out_dir).as_posix() not in own)
+        dataset = Dataset(out_dir)
+        files = [shard.path.relative_to(out_dir) for split in dataset.splits for shard in dataset.shards(split)]
+    except DataError as err:
+        raise DataError(f"{out_dir} holds no dataset that can be read ({err}); {refuse}") from None
+    own = {Path(MANIFEST), Path(TOKENIZER), *files, *(folder for file in files for folder in file.parents)}
+    other = sorted(str(path.relative_to(out_dir)) for path in out_dir.rglob("*") if path.relative_to(out_dir) not in own)
     if other:
         raise DataError(f"{out_dir} holds a dataset and files that are not its own ({', '.join(other[:3])}"
-                        f"{', ...' if len(other) > 3 else ''}); nothing was written: choose an empty or new directory")
+                        f"{', ...' if len(other) > 3 else ''}); {refuse}")
     if not replace:
         raise DataError(f"{out_dir} holds a dataset; nothing was written: choose a new directory, or replace it "
                         "(prepare-data --replace; a run reading it would then fail)")
@@ -261,14 +261,21 @@ class Dataset:
     def shards(self, split: str) -> list[Shard]:
         if split not in self.splits:
             raise DataError(f"dataset {self.root}: no split {split!r} (has {', '.join(self.splits)})")
-        shards = []
+        shards, documents = [], 0
         with _manifest_entry(self.root / MANIFEST, f"split {split}"):
             for i, s in enumerate(self.splits[split]["shards"]):
                 with _manifest_entry(self.root / MANIFEST, f"split {split}, shard {i}"):
                     shard = Shard(split, i, self.root / s["file"], s["first_document"], s["documents"], s["tokens"],
                                   s["sha256"], s["lengths"], s.get("tokens_at"), s.get("labels_at"))
                     _check_entry(shard, f"{self.root / MANIFEST}: split {split}, shard {i}")
+                    if shard.first_document != documents:  # shards hold the split's documents in order, none left out
+                        raise DataError(f"{self.root / MANIFEST}: split {split}, shard {i}: first_document {shard.first_document}, "
+                                        f"but the shards before it hold {documents} documents")
+                    documents += shard.documents
                     shards.append(shard)
+            listed = self.splits[split]["documents"]
+        if documents != listed:
+            raise DataError(f"{self.root / MANIFEST}: split {split} lists {listed} documents, its shards {documents}")
         return shards
 
     def read_shard(self, shard: Shard) -> ShardDocuments:
