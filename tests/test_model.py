@@ -520,3 +520,21 @@ def test_compiled_core_calls_match_eager(name, positions, mode):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # it did compile, per shape of call
     assert (compiled[0] - eager[0]).abs().max() < 1e-10
     assert (compiled[1] - eager[1]).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("key", ["dropout", "attn_dropout"])
+def test_dropout_acts_in_training_only(key):
+    """Each dropout draws a new mask per forward pass in training, and evaluation is the model
+    without it (the same weights with the rate 0)."""
+    tokens, starts = stream()
+    model, plain = make_model(**{key: 0.5}), make_model()
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(model.state_dict())
+
+    def log_probs(m):
+        return m.body(tokens, starts, RecurrentState.initial(3))[0]
+
+    assert torch.equal(log_probs(model), log_probs(plain))  # eval mode: dropout off
+    model.train()
+    first, second = log_probs(model), log_probs(model)
+    assert not torch.allclose(first, second) and not torch.allclose(first, log_probs(plain))
