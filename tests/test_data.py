@@ -270,18 +270,6 @@ def test_a_text_dataset_is_checked_against_the_text_keys_only(copy):
         check_prepared_for(copy, dataclasses.replace(task, piece_len=99))
 
 
-def test_an_unreadable_corpus_file_is_named(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        (corpus / f"file{i}.txt").write_text("text " * 10)
-    (corpus / "unreadable.txt").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO), even for root
-    task = TextTask(path=str(corpus), format="files")
-    with pytest.raises(DataError, match=f"task.path {corpus}: cannot read {corpus / 'unreadable.txt'}: Input/output error"):
-        for split in ("train", "valid", "test"):
-            task.documents(split)
-
-
 def test_a_corrupt_evaluation_shard_fails_before_training(tmp_path):
     cli = [sys.executable, "-m", "stairscale.cli"]
     walk = ["--set", "task.eval_docs=8", "--set", "task.train_docs=64", "--set", "train.lanes=4"]

@@ -343,18 +343,16 @@ def test_text_errors(tmp_path):
         TextTask(path=str(tmp_path)).documents("dev")
 
 
-def test_text_unreadable_file_is_named(tmp_path, monkeypatch):
-    p = tmp_path / "secret.txt"
-    p.write_bytes(b"x")
-    task = TextTask(path=str(p), format="files")
-
-    def refuse(*args, **kwargs):  # a permission error, even when the tests run as root
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr("stairscale.data.tasks.open", refuse, raising=False)
-    split = next(s for s in ("train", "valid", "test") if task.files(s))
-    with pytest.raises(OSError, match="secret.txt"):
-        task.documents(split)
+def test_text_unreadable_file_is_named(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"file{i}.txt").write_text("text " * 10)
+    (corpus / "unreadable.txt").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO), even for root
+    task = TextTask(path=str(corpus), format="files")
+    with pytest.raises(DataError, match=f"task.path {corpus}: cannot read {corpus / 'unreadable.txt'}: Input/output error"):
+        for split in ("train", "valid", "test"):
+            task.documents(split)
 
 
 def test_text_default_is_stdlib():
