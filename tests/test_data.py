@@ -566,6 +566,8 @@ def test_bpe_reads_utf8_and_names_a_document_that_is_not(tmp_path):
     folder.mkdir()
     empty = next(f"-empty{k}.txt" for k in range(100) if TextTask._split_of(f"-empty{k}.txt") == "train")
     (folder / empty).write_bytes(b"")  # first in its split and no document: the names must still line up
+    sized_0 = next(f"-proc{k}.txt" for k in range(100) if TextTask._split_of(f"-proc{k}.txt") == "train")
+    (folder / sized_0).symlink_to("/proc/cpuinfo")  # its size reads 0, its content does not: a document
     for i in range(40):
         (folder / f"{i:02d}.txt").write_text(f"plain text {i} " * 20)
     latin = next(f"{i:02d}.txt" for i in range(40) if TextTask._split_of(f"{i:02d}.txt") == "train")

@@ -370,8 +370,7 @@ class TextTask:
         """Where each of documents(split) comes from, for error messages."""
         if self.format != "files":
             return [f"{self.path}, the {split} split"]
-        full = [self._full(rel) for rel in self.files(split)]
-        return [path for path in full if os.path.getsize(path)]
+        return [self._full(rel) for rel in self.files(split) if len(self._read(rel))]  # as documents() keeps them
 
     def files(self, split: str) -> list[str]:
         """Relative paths (sorted) of the split's files, format "files" only; empty files included."""
