@@ -92,8 +92,7 @@ def prepare_dataset(cfg: RunConfig, out_dir: str | Path, replace: bool = False) 
     splits = {name: list(docs) for name, docs in task_splits(cfg.task).items()}
     vocab, files = task.vocab, {}
     if cfg.task.tokenizer == "bpe":
-        sources = {name: task.sources(name) for name in splits}
-        vocab, splits, files[TOKENIZER] = bpe_encode(splits, cfg.task.bpe_vocab, sources, cut_by_bytes=task.format != "files")
+        vocab, splits, files[TOKENIZER] = bpe_encode(splits, cfg.task.bpe_vocab, cut_by_bytes=task.format != "files")
     if isinstance(task, TextTask):  # cut after tokenizing, so that no piece starts inside a character
         # Only the train split needs a piece per lane: evaluation pieces stay long, whatever the lanes.
         splits = {name: text_pieces(docs, cfg.task.piece_len, cfg.train.lanes if name == "train" else 1, vocab.bos_id)
@@ -107,7 +106,7 @@ def prepare_dataset(cfg: RunConfig, out_dir: str | Path, replace: bool = False) 
                          shards_per_split(cfg), dataclasses.asdict(cfg.task), files, replace)
 
 
-def _text(doc: Document, where: str, cut_by_bytes: bool) -> str:
+def _text(doc: Document, cut_by_bytes: bool) -> str:
     """The document as UTF-8 text; invalid bytes are an error. A split cut by bytes (one file,
     enwik8) may cut a character at its two ends: those at most 3 bytes at each end are dropped."""
     data = doc.tokens[1:].astype(np.uint8).tobytes()
@@ -117,7 +116,7 @@ def _text(doc: Document, where: str, cut_by_bytes: bool) -> str:
     try:
         return codecs.getincrementaldecoder("utf-8")().decode(data[start:], final=not cut_by_bytes)
     except UnicodeDecodeError as err:
-        raise DataError(f"{where}: not UTF-8 text at byte {start + err.start}; the BPE tokenizer needs UTF-8 "
+        raise DataError(f"{doc.source}: not UTF-8 text at byte {start + err.start}; the BPE tokenizer needs UTF-8 "
                         "(task.tokenizer=bytes reads any bytes)") from err
 
 
@@ -131,10 +130,8 @@ def _parts(text: str, part: int = 1 << 20) -> Iterator[str]:
         start = stop
 
 
-def bpe_encode(splits: dict[str, list[Document]], vocab_size: int, sources: dict[str, list[str]],
-               cut_by_bytes: bool) -> tuple[Vocab, dict[str, list[Document]], bytes]:
+def bpe_encode(splits: dict[str, list[Document]], vocab_size: int, cut_by_bytes: bool) -> tuple[Vocab, dict[str, list[Document]], bytes]:
     """Train a byte-level BPE on the train split (`tokenizers`) and encode every split with it.
-    `sources` names where each document came from, for errors.
     `<pad>` and `<bos>` in the text are text; a tokenizer loaded from the saved tokenizer.json
     needs `encode_special_tokens = True` to encode them the same way (the file does not keep it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -144,8 +141,7 @@ def bpe_encode(splits: dict[str, list[Document]], vocab_size: int, sources: dict
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = {name: [_text(doc, source, cut_by_bytes) for doc, source in zip(docs, sources[name], strict=True)]
-             for name, docs in splits.items()}
+    texts = {name: [_text(doc, cut_by_bytes) for doc in docs] for name, docs in splits.items()}
     tokenizer.train_from_iterator((part for text in texts["train"] for part in _parts(text)), trainer=trainer)
     tokenizer.encode_special_tokens = True  # "<pad>" in the text is text, not the pad token
     vocab = Vocab(tuple(sorted(tokenizer.get_vocab(), key=tokenizer.token_to_id)), tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("<bos>"))

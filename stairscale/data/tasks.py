@@ -64,6 +64,7 @@ class Document:
 
     tokens: np.ndarray
     labels: np.ndarray | None = None
+    source: str = ""  # where it comes from, for errors (text corpora)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -363,14 +364,8 @@ class TextTask:
         for rel in self.files(split):
             data = self._read(rel)
             if len(data):
-                docs.append(self._document(np.frombuffer(data, dtype=np.uint8)))
+                docs.append(self._document(np.frombuffer(data, dtype=np.uint8), self._full(rel)))
         return docs
-
-    def sources(self, split: str) -> list[str]:
-        """Where each of documents(split) comes from, for error messages."""
-        if self.format != "files":
-            return [f"{self.path}, the {split} split"]
-        return [self._full(rel) for rel in self.files(split) if len(self._read(rel))]  # as documents() keeps them
 
     def files(self, split: str) -> list[str]:
         """Relative paths (sorted) of the split's files, format "files" only; empty files included."""
@@ -394,11 +389,11 @@ class TextTask:
 
     # -- helpers
 
-    def _document(self, data: np.ndarray) -> Document:
+    def _document(self, data: np.ndarray, source: str) -> Document:
         tokens = np.empty(len(data) + 1, dtype=np.uint16)
         tokens[0] = self.vocab.bos_id
         tokens[1:] = data
-        return Document(tokens, None)
+        return Document(tokens, None, source)
 
     def _byte_range(self, split: str) -> Document:
         size = os.path.getsize(self.path)
@@ -412,7 +407,7 @@ class TextTask:
         i = split_index(split)
         # np.memmap refuses empty files; an empty file gives three BOS-only documents.
         data = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-        return self._document(data[bounds[i]:bounds[i + 1]])
+        return self._document(data[bounds[i]:bounds[i + 1]], f"{self.path}, the {split} split")
 
     def _list_files(self) -> list[str]:
         """Relative posix paths of the files under ``path``, sorted. Hidden files and directories
