@@ -15,6 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stairscale.config import RunConfig
 from stairscale.data.prepare import dataset_dir, train_split
+from stairscale.errors import ConfigError
+from stairscale.parallel.launchers import launch_environment
 from stairscale.parallel.wavefront import schedule
 from stairscale.train.metrics import Tally
 from stairscale.train.trainer import Trainer, learning_rate, make_loader, resolve_device
@@ -118,6 +120,11 @@ def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int) -> list
     predicts over one micro-batch. Run it under a launcher with the config's world size. (Two
     warm-up steps: a pipeline cannot be compiled, so they pay only for start-up.)"""
     rows = []
+    _, _, world = launch_environment()
+    rank_lanes = cfg.train.lanes // max(1, world // (cfg.parallel.tensor * cfg.parallel.pipeline))
+    for count in micro_batches:  # before any measurement (the trainer would name train.grad_accum)
+        if rank_lanes % count:
+            raise ConfigError(f"--micro-batches: {count} micro-batches do not divide the {rank_lanes} lanes of each data-parallel rank")
     for count in micro_batches:
         with StepTimer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count))) as timer:
             seconds = timer.seconds_per_step(steps, warmup=2)

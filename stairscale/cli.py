@@ -25,6 +25,17 @@ def positive(kind):
     return parse
 
 
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers above 0, such as 1,2,4."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every count must be > 0, got {text!r}")
+    return values
+
+
 def compile_modes(text: str) -> list[str]:
     modes = text.split(",")
     for mode in modes:
@@ -69,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--config", action=Once, help="YAML run config")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--seconds", type=positive(float), default=10.0, help="data: seconds the loader is measured for")
-    bench.add_argument("--micro-batches", default="1,2,4", help="pipeline: micro-batch counts to compare (the first is the baseline)")
+    bench.add_argument("--micro-batches", type=positive_ints, default=[1, 2, 4], help="pipeline: micro-batch counts to compare (the first is the baseline)")
     bench.add_argument("--steps", type=positive(int), default=20, help="step, pipeline: train steps per measurement")
     bench.add_argument("--warmup", type=int, default=10, help="step, data: train steps before each measurement (they pay for compilation)")
     bench.add_argument("--compile", type=compile_modes, default="default", help="step: compile modes to compare with eager, comma-separated")
@@ -99,38 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(args: argparse.Namespace) -> int:
     """Run one subcommand; the errors stairscale names are printed without a traceback."""
     try:
-        if args.command == "train":
-            from stairscale.train.trainer import Trainer
-
-            Trainer(load_config(args.config, args.set)).train()
-        elif args.command == "prepare-data":
-            from stairscale.data.prepare import prepare_dataset
-
-            cfg = load_config(args.config, args.set)
-            check_writable_dir(args.out, "--out")
-            manifest = prepare_dataset(cfg, args.out, args.replace)
-            for split, info in manifest["splits"].items():
-                print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")
-        elif args.command == "bench":
-            from stairscale.bench import bench_data, bench_pipeline, bench_step
-
-            cfg = load_config(args.config, args.set)
-            if args.what == "data":
-                bench_data(cfg, args.seconds, warmup=args.warmup)
-            elif args.what == "step":
-                bench_step(cfg, args.compile, args.steps, args.warmup)
-            else:
-                bench_pipeline(cfg, [int(n) for n in args.micro_batches.split(",")], args.steps)
-        elif args.command == "eval":
-            print(json.dumps(evaluate_run(args.run, args.split, args.set, args.weights), indent=2))
-        else:
-            from stairscale.reproduce import FULL, QUICK, fit_steps_scale, reproduce_tracking
-
-            check_writable_dir(args.out, "--out")
-            scale = args.steps_scale
-            if args.fit_minutes:
-                scale = fit_steps_scale(QUICK if args.quick else FULL, Path(args.out), args.fit_minutes, args.compile)
-            reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale, compile=args.compile)
+        COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"stairscale: config error: {err}", file=sys.stderr)
         return 2
@@ -140,37 +120,52 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str = "final"):
-    """Load a run's config and its final (or best) weights and score `split` with carried state
-    from a fresh start."""
-    from stairscale.data.prepare import dataset_dir
-    from stairscale.data.shards import Dataset
-    from stairscale.model.lm import StaircaseLM
-    from stairscale.train.checkpoint import BEST, CHECKPOINT, load_checkpoint
-    from stairscale.train.trainer import evaluate, make_loader, resolve_device
+def train_command(args: argparse.Namespace) -> None:
+    from stairscale.train.trainer import Trainer
 
-    for assignment in overrides:
-        if assignment.startswith(("model.", "parallel.")):
-            raise ConfigError(f"--set {assignment!r}: the model and its layout are the run's; scoring may change task, data and train keys")
-    cfg = load_config(Path(run_dir) / "config.yaml", overrides)
-    device = resolve_device(cfg)
-    root = dataset_dir(cfg)
-    vocab = Dataset(root).vocab
-    model = StaircaseLM(cfg.model, len(vocab), vocab.pad_id)  # checkpoints hold single-device weights
-    name = BEST if weights == "best" else CHECKPOINT
-    try:
-        model.load_state_dict(load_checkpoint(run_dir, name)["model"])
-    except RuntimeError as err:  # shapes or names that differ from the run's config.yaml
-        raise CheckpointError(f"checkpoint {Path(run_dir) / name} does not fit the model its config.yaml and the --set keys build: {err}") from err
-    return evaluate(model.to(device), cfg, make_loader(cfg, root, split, training=False), device)
+    Trainer(load_config(args.config, args.set)).train()
 
 
-def evaluate_run(run_dir: str, split: str, overrides: list[str] = (), weights: str = "final") -> dict:
-    tally = score_run(run_dir, split, overrides, weights)
-    result = {"run": str(run_dir), "split": split, "weights": weights, **tally.summary()}
-    if tally.labelled:
-        result["error_by_position"] = tally.error_by_position(bucket=32)
-    return result
+def eval_command(args: argparse.Namespace) -> None:
+    from stairscale.train.scoring import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run, args.split, args.set, args.weights), indent=2))
+
+
+def prepare_data_command(args: argparse.Namespace) -> None:
+    from stairscale.data.prepare import prepare_dataset
+
+    cfg = load_config(args.config, args.set)
+    check_writable_dir(args.out, "--out")
+    manifest = prepare_dataset(cfg, args.out, args.replace)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")
+
+
+def bench_command(args: argparse.Namespace) -> None:
+    from stairscale.bench import bench_data, bench_pipeline, bench_step
+
+    cfg = load_config(args.config, args.set)
+    if args.what == "data":
+        bench_data(cfg, args.seconds, warmup=args.warmup)
+    elif args.what == "step":
+        bench_step(cfg, args.compile, args.steps, args.warmup)
+    else:
+        bench_pipeline(cfg, args.micro_batches, args.steps)
+
+
+def reproduce_command(args: argparse.Namespace) -> None:
+    from stairscale.reproduce import FULL, QUICK, fit_steps_scale, reproduce_tracking
+
+    check_writable_dir(args.out, "--out")
+    scale = args.steps_scale
+    if args.fit_minutes:
+        scale = fit_steps_scale(QUICK if args.quick else FULL, Path(args.out), args.fit_minutes, args.compile)
+    reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale, compile=args.compile)
+
+
+COMMANDS = {"train": train_command, "eval": eval_command, "prepare-data": prepare_data_command,
+            "bench": bench_command, "reproduce": reproduce_command}
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import yaml
 
 from stairscale.errors import ConfigError
 
+# cached and global_cached run the same code: Global Cached is a cache meant to hold the whole
+# current document, with cache_len as its hard limit (docs/model.md).
 SCHEDULES = ("staircase", "cached", "global_cached", "ladder", "transformer", "transformer_xl")
 TEXT_FORMATS = ("auto", "files", "bytes", "enwik8")  # data/tasks.py: TextTask
 ALGORITHMIC_EVAL_PROGRAMS = 1000  # per validation and test split, as in the paper (data/tasks.py: AlgorithmicTask)
@@ -57,6 +59,10 @@ class ModelConfig:
         return self.schedule in ("staircase", "cached", "global_cached")
 
     @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
     def passes(self) -> int:
         """Core passes per token."""
         return self.window if self.is_staircase else self.repeats
@@ -73,8 +79,7 @@ class ModelConfig:
         for key in ("cache_len", "mem_len"):
             need(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         need(self.d_model % self.n_heads == 0, "n_heads", f"{self.n_heads} does not divide d_model={self.d_model}")
-        head_dim = self.d_model // self.n_heads
-        need(self.positions != "rope" or head_dim % 2 == 0, "positions", f"rope needs an even head_dim, got {head_dim}")
+        need(self.positions != "rope" or self.head_dim % 2 == 0, "positions", f"rope needs an even head_dim, got {self.head_dim}")
         for key in ("dropout", "attn_dropout"):
             need(0.0 <= getattr(self, key) < 1.0, key, "must be in [0, 1)")
         if self.is_staircase:
@@ -150,8 +155,9 @@ class TaskConfig:
         need(0.0 <= self.train_length_spread < 1.0, "train_length_spread", "must be in [0, 1)")
         need(self.name != "algorithmic" or self.eval_docs <= ALGORITHMIC_EVAL_PROGRAMS, "eval_docs",
              f"the algorithmic task has {ALGORITHMIC_EVAL_PROGRAMS} validation and test programs, got {self.eval_docs}")
-        for key in ("eval_docs", "train_docs", "piece_len"):
-            need(getattr(self, key) >= (0 if key == "eval_docs" else 1), key, f"must be positive, got {getattr(self, key)}")
+        need(self.eval_docs >= 0, "eval_docs", f"must be >= 0, got {self.eval_docs}")
+        for key in ("train_docs", "piece_len"):
+            need(getattr(self, key) >= 1, key, f"must be positive, got {getattr(self, key)}")
 
 
 @dataclass
@@ -349,7 +355,9 @@ def apply_override(data: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: {key!r} is not a dotted key such as train.steps")
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section in the file (`train:`)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: {part} is not a section")
     try:
@@ -381,6 +389,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             data = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as err:
             raise ConfigError(f"config file {path}: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):

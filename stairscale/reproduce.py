@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from stairscale.cli import score_run
+from stairscale.train.scoring import score_run
 from stairscale.errors import ConfigError, RunFailed
 
 TEST_WALKS = 256  # random-walk test documents scored per length

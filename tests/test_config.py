@@ -52,6 +52,7 @@ def test_overrides_are_typed():
         (["task.name=text", "task.format=enwik8"], "task.format"),
         (["task.eval_length=1"], "task.eval_length"),
         (["task.name=algorithmic", "task.eval_docs=1001"], "task.eval_docs"),
+        (["task.eval_docs=-1"], "task.eval_docs: must be >= 0"),
         (["train.lr=.inf"], "train.lr"),
         (["task.seed=-1"], "task.seed"),
         (["train.seed=-1"], "train.seed"),
@@ -89,6 +90,9 @@ def test_bad_file(tmp_path):
     listed = tmp_path / "listed.yaml"
     listed.write_text("[1, 2]")
     assert str(listed) in error_for(path=listed) and str(listed) in error_for("train.steps=1", path=listed)
+    empty_section = tmp_path / "empty_section.yaml"
+    empty_section.write_text("train:\n")  # an empty section reads as null; --set still fills it
+    assert load_config(empty_section, ["train.steps=7"]).train.steps == 7
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("model:\n  d_model: 64\n  layers: 2\n")
     assert error_for(path=wrong).startswith("model.layers")

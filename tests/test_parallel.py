@@ -20,7 +20,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stairscale.cli import evaluate_run
+from stairscale.train.scoring import evaluate_run
 from stairscale.config import load_config
 from stairscale.errors import ConfigError
 from stairscale.parallel.launchers import launch_environment, started_by_mpi

@@ -14,7 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stairscale.bench import bench_step
-from stairscale.cli import evaluate_run
+from stairscale.train.scoring import evaluate_run
 from stairscale.config import load_config
 from stairscale.errors import CheckpointError, ConfigError, DataError
 from stairscale.train.checkpoint import load_checkpoint, save_checkpoint
@@ -298,6 +298,8 @@ def test_bad_paths_and_arguments_are_refused_before_any_work(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"train:\n  steps: \xff\xfe\n")
     data = ["--set", f"data.cache={tmp_path / 'data'}"]
     cases = {
         ("train", "--set", f"run_dir={afile}", *data): f"run_dir: {afile} exists and is not a directory",
@@ -311,6 +313,10 @@ def test_bad_paths_and_arguments_are_refused_before_any_work(tmp_path):
         ("bench", "step", "--steps", "0"): "argument --steps: must be > 0, got 0",
         ("bench", "data", "--seconds", "-1"): "argument --seconds: must be > 0, got -1",
         ("bench", "step", "--compile", "default,bogus"): "'bogus' is not one of none, default",
+        ("bench", "pipeline", "--micro-batches", "1,x"): "argument --micro-batches: expected comma-separated integers",
+        ("bench", "pipeline", "--micro-batches", "2,0"): "argument --micro-batches: every count must be > 0",
+        ("bench", "pipeline", "--micro-batches", "1,3", *data): "--micro-batches: 3 micro-batches do not divide the 32 lanes of each data-parallel rank",
+        ("train", "--config", str(binary), *data): f"config file {binary}: not UTF-8 text",
         ("reproduce", "tracking", "--steps-scale", "-1"): "argument --steps-scale: must be > 0",
         ("reproduce", "tracking", "--fit-minutes", "0"): "argument --fit-minutes: must be > 0",
     }

@@ -48,7 +48,7 @@ def attention_geometry(cfg: ModelConfig, q_pos: Tensor, q_doc: Tensor, k_pos: Te
         # The authors' layout: distance d lives in column attn_lim - 1 - d.
         index = (cfg.attn_lim - 1 - distance).clamp(0, cfg.attn_lim - 1)
         return AttentionGeometry(visible, relative_table=relative_table, relative_index=index)
-    return AttentionGeometry(visible, rope=_rope_tables(k_pos - k_pos[0], cfg.d_model // cfg.n_heads))
+    return AttentionGeometry(visible, rope=_rope_tables(k_pos - k_pos[0], cfg.head_dim))
 
 
 def _rope_tables(offsets: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
@@ -76,7 +76,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, linears: LayerProvider):
         super().__init__()
         d = cfg.d_model
-        self.head_dim = d // cfg.n_heads
+        self.head_dim = cfg.head_dim
         self.dropout = cfg.attn_dropout
         self.q = linears.linear(d, d, bias=False, split="column")
         self.k = linears.linear(d, d, bias=False, split="column")
@@ -141,9 +141,8 @@ class Core(nn.Module):
         self.cfg = cfg
         layers = range(cfg.n_layers) if layers is None else layers
         self.layers = nn.ModuleDict({str(i): CoreLayer(cfg, linears) for i in layers})
-        head_dim = cfg.d_model // cfg.n_heads
         # One table of shape head_dim x attn_lim shared by all heads, layers and steps.
-        self.relative = nn.Parameter(torch.randn(head_dim, cfg.attn_lim) * head_dim**-0.5) if cfg.positions == "relative" else None
+        self.relative = nn.Parameter(torch.randn(cfg.head_dim, cfg.attn_lim) * cfg.head_dim**-0.5) if cfg.positions == "relative" else None
         self.read_by_every_head = linears.read_by_every_head
         self.calls = 0  # sequential core calls made (tests count them against M/F + n - 1)
         self.run_layers = self._layers  # or its compiled version (compile_calls)

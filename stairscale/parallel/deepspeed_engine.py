@@ -29,7 +29,7 @@ class MegatronGroups:
     get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
     get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
     # DeepSpeed counts a tensor that is not tensor-parallel (e.g. a LayerNorm weight) only where
-    # this rank is 0; replicated tensors are replicated over the tensor ranks, so the tensor rank.
+    # this rank is 0; such tensors are copies across the tensor ranks, so it is the tensor rank.
     get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
     get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
     get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)

@@ -98,7 +98,7 @@ class PipelineRunner:
         self.posted: list = []  # pending sends, waited for at the segment's end
         self.inbox: dict = {}  # received, not yet taken, by transfer key
         self.outbox: dict = {}  # to send at the slot's exchange
-        self.segment_len, self.dtype, self.steps = 0, torch.float32, 0
+        self.segment_len, self.dtype, self.steps, self.micro_count = 0, torch.float32, 0, 0
 
     def train(self, micro_batches: list[tuple[Tensor, Tensor, Tensor]], states: list[RecurrentState], loss_scale: float):
         """Forward and backward of every micro-batch's segment; gradients are left in .grad."""
@@ -115,7 +115,7 @@ class PipelineRunner:
         layout, training = self.layout, loss_scale is not None
         self.loss_scale, self.posted, self.inbox, self.outbox = loss_scale, [], {}, {}
         self.segment_len, self.dtype = micro_batches[0][0].shape[1], next(self.stage.parameters()).dtype
-        self.steps = self.schedule.count(self.segment_len)
+        self.steps, self.micro_count = self.schedule.count(self.segment_len), len(micro_batches)
         self._join_group(micro_batches[0][0].device)
         with torch.set_grad_enabled(training):
             micros = [self._start(*batch, state) for batch, state in zip(micro_batches, states)]
@@ -131,6 +131,11 @@ class PipelineRunner:
             batch.wait()
         assert not self.inbox and not self.outbox, "a message was never used"
         return [m.scores for m in micros], [m.state for m in micros]
+
+    def _tag(self, transfer: wavefront.Transfer) -> int:
+        """Unique per message of a segment (gloo matches by tag; the order also matches, as NCCL needs)."""
+        kind = (wavefront.ACTIVATION, wavefront.GRADIENT, wavefront.TOP, wavefront.TOP_GRADIENT).index(transfer.kind)
+        return (kind * self.micro_count + transfer.micro) * self.steps + transfer.step
 
     # -- one micro-batch's generator ------------------------------------------------------------
 
@@ -237,12 +242,12 @@ class PipelineRunner:
     def _exchange(self, slot: wavefront.Slot, micros: list[MicroBatch]) -> None:
         ops, received = [], []
         for transfer in slot.sends:
-            ops.append(dist.P2POp(dist.isend, self.outbox.pop(transfer), self.stage_ranks[transfer.dst], self.group, _tag(transfer)))
+            ops.append(dist.P2POp(dist.isend, self.outbox.pop(transfer), self.stage_ranks[transfer.dst], self.group, self._tag(transfer)))
         for transfer in slot.recvs:
             lanes = micros[transfer.micro].tokens.shape[0]
             rows = self.schedule.rows(transfer.step, self.segment_len)
             buffer = torch.empty(lanes, rows, self.stage.cfg.d_model, dtype=self.dtype, device=micros[0].tokens.device)
-            ops.append(dist.P2POp(dist.irecv, buffer, self.stage_ranks[transfer.src], self.group, _tag(transfer)))
+            ops.append(dist.P2POp(dist.irecv, buffer, self.stage_ranks[transfer.src], self.group, self._tag(transfer)))
             received.append((transfer, buffer))
         if not ops:
             return
@@ -270,12 +275,6 @@ class PostedBatch:
             for handle in self.handles:
                 handle.wait()
             self.done = True
-
-
-def _tag(transfer: wavefront.Transfer) -> int:
-    """Unique per message of a step (gloo matches by tag; the order also matches, as NCCL needs)."""
-    kinds = (wavefront.ACTIVATION, wavefront.GRADIENT, wavefront.TOP, wavefront.TOP_GRADIENT)
-    return (kinds.index(transfer.kind) * 4096 + transfer.micro) * 4096 + transfer.step
 
 
 def _grad_or_zeros(leaf: Tensor) -> Tensor:

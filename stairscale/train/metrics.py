@@ -118,7 +118,8 @@ class Tally:
 
     def error_by_position(self, bucket: int) -> list[tuple[int, float]]:
         """(first position, error %) for each bucket of positions along the document."""
-        return [(start, self.error_from(start, start + bucket)) for start in range(0, len(self.count_at), bucket) if self.count_at[start : start + bucket].sum()]
+        starts = range(0, len(self.count_at), bucket)
+        return [(start, self.error_from(start, start + bucket)) for start in starts if self.count_at[start : start + bucket].sum()]
 
 
 def headline(summary: dict[str, float]) -> str:
