@@ -15,5 +15,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model; the message names the file."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm stopped being a finite number; the message names the step."""
+
+
 class RunFailed(RuntimeError):
     """A training run that an experiment started exited with an error."""

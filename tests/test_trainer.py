@@ -17,7 +17,7 @@ from stairscale.bench import bench_step
 from stairscale.train.scoring import evaluate_run
 from stairscale.config import load_config
 from stairscale.errors import CheckpointError, ConfigError, DataError
-from stairscale.train.checkpoint import load_checkpoint, save_checkpoint
+from stairscale.train.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
 from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_loader, reach
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
@@ -356,6 +356,27 @@ def test_an_interrupted_run_says_so(tmp_path, cache):
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130 and stderr.strip().endswith("stairscale: train interrupted") and "Traceback" not in stderr, stderr
+
+
+def test_a_diverged_run_stops_at_once_and_keeps_no_weights(tmp_path, cache):
+    """A learning rate of 1e30 makes the weights NaN within a few steps: the run stops at the next
+    log line or validation, whichever comes first, names the step, and keeps neither a final
+    checkpoint nor a "best" one of NaN weights; its curves so far are in TensorBoard."""
+    run_dir = tmp_path / "run"
+    overrides = TINY + ["train.steps=40", "train.lr=1e30", "train.warmup_steps=1", "train.log_every=4", "train.eval_every=2",
+                        "train.keep_best=true", f"run_dir={run_dir}", f"data.cache={cache}"]
+    out = subprocess.run([sys.executable, "-m", "stairscale.cli", "train"] + [a for o in overrides for a in ("--set", o)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "stairscale: error: training diverged at step " in out.stderr and "Lower train.lr" in out.stderr
+    assert not (run_dir / CHECKPOINT).exists() and not (run_dir / BEST).exists()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_keep_best_never_keeps_weights_whose_loss_is_not_a_number(tmp_path, tiny):
+    trainer = Trainer(tiny(tmp_path, "train.keep_best=true"), quiet=True)
+    assert trainer._improves({"loss": 2.0, "error": 50.0})
+    assert not trainer._improves({"loss": float("nan"), "error": 50.0})
 
 
 def test_every_training_step_is_in_one_logged_window(tmp_path, tiny):

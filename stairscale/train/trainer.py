@@ -23,7 +23,7 @@ from stairscale.data.loader import LaneLoader, LoaderSpec, check_a_shard_per_lan
 from stairscale.data.prepare import build_task, dataset_dir, train_split
 from stairscale.data.shards import Dataset
 from stairscale.data.tasks import IGNORE
-from stairscale.errors import ConfigError, DataError
+from stairscale.errors import ConfigError, DataError, TrainingDiverged
 from stairscale.model.lm import StaircaseLM
 from stairscale.model.provider import Scores
 from stairscale.model.state import RecurrentState
@@ -213,19 +213,24 @@ class Trainer:
         self.model.train()
         self.log(self._describe())
         progress = Progress(self.dataset, t.steps)
-        for step, batch, states in self.batches():
-            lr = learning_rate(self.cfg, step)
-            loss, grad_norm = self.train_step(batch, states, lr, progress.window)
-            self.unread.append((loss, grad_norm))
-            done = step + 1
-            progress.tokens += batch.tokens.numel() * self.layout.dp
-            if done % t.log_every == 0 or done == t.steps:
-                self._read_back_history()
-                self._log_progress(progress, done, lr, self.history[-1]["grad_norm"])
-            if t.eval_every and done % t.eval_every == 0 and done < t.steps:
-                self._validate(done)
-                progress.restart_clock()
-        return self._finish(time.perf_counter() - progress.started)
+        try:
+            for step, batch, states in self.batches():
+                lr = learning_rate(self.cfg, step)
+                loss, grad_norm = self.train_step(batch, states, lr, progress.window)
+                self.unread.append((loss, grad_norm))
+                done = step + 1
+                progress.tokens += batch.tokens.numel() * self.layout.dp
+                if done % t.log_every == 0 or done == t.steps:
+                    self._read_back_history()
+                    self._log_progress(progress, done, lr, self.history[-1]["grad_norm"])
+                if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+                    self._read_back_history()  # a diverged run stops before it scores or keeps its weights
+                    self._validate(done)
+                    progress.restart_clock()
+            return self._finish(time.perf_counter() - progress.started)
+        finally:  # the curves so far reach the event file however the run ends
+            if self.writer is not None:
+                self.writer.close()
 
     def batches(self):
         """(step, this rank's batch, recurrent state per micro-batch). A curriculum stage starts new
@@ -286,8 +291,18 @@ class Trainer:
         return scores
 
     def _read_back_history(self) -> None:
+        """Read the steps' loss and gradient norm back from the device (at log lines only) and stop
+        at a value that is not a finite number: the weights are then lost, and every later step
+        would be wasted."""
+        first = len(self.history)
         self.history += [{"loss": float(loss), "grad_norm": float(norm)} for loss, norm in self.unread]
         self.unread = []
+        bad = [i for i, s in enumerate(self.history[first:], first) if not (math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]))]
+        if collectives.any_rank(bool(bad), self.layout, self.device):  # the loss is on the last stage only
+            where = f"at step {bad[0] + 1} (loss {self.history[bad[0]]['loss']}, gradient norm {self.history[bad[0]]['grad_norm']})" if bad else f"by step {len(self.history)}"
+            kept = f"; {BEST} keeps the weights of step {self.best['step']}" if self.best else ""
+            raise TrainingDiverged(f"training diverged {where}: the run stops without a checkpoint, its weights are no longer "
+                                   f"numbers{kept}. Lower train.lr, lengthen train.warmup_steps or set train.grad_clip")
 
     def _log_progress(self, progress: Progress, done: int, lr: float, grad_norm: float) -> None:
         now = time.perf_counter()
@@ -331,7 +346,6 @@ class Trainer:
         self.log(f"test: {headline(results['test'])} (loss {results['test']['loss']:.4f})")
         if self.layout.reports:
             (self.run_dir / RESULTS).write_text(json.dumps(results, indent=2))
-            self.writer.close()
         return results
 
     def _save(self, name: str, step: int) -> None:
@@ -359,7 +373,8 @@ class Trainer:
     def _improves(self, valid: dict) -> bool:
         """Whether these weights beat the best so far; every rank follows the last pipeline stage,
         which holds the scores."""
-        better = self.layout.last_stage and (self.best is None or selection_score(valid) < selection_score(self.best["valid"]))
+        finite = math.isfinite(valid["loss"])  # weights that are no longer numbers are never the best
+        better = self.layout.last_stage and finite and (self.best is None or selection_score(valid) < selection_score(self.best["valid"]))
         return collectives.any_rank(better, self.layout, self.device)
 
     def _tally(self, split: str) -> Tally:
