@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from stairscale.train.scoring import score_run
 from stairscale.errors import ConfigError, RunFailed
+from stairscale.train.scoring import score_run
 
 TEST_WALKS = 256  # random-walk test documents scored per length
 
