@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # Train with the deepspeed launcher. On the hosts of HOSTFILE, as many processes per host as its
 # slots (or NUM_GPUS per host if set); without a hostfile, NUM_GPUS processes here (default 2,
-# also on CPU, where DeepSpeed would otherwise start one).
+# also on CPU, where DeepSpeed would otherwise start one), on the first NUM_GPUS devices of
+# CUDA_VISIBLE_DEVICES where it is set.
 #   NUM_GPUS=2 launch/deepspeed.sh --config configs/parallel_dp2_zero3.yaml
 #   HOSTFILE=hosts launch/deepspeed.sh --config configs/parallel_tp2_pp2.yaml
 set -euo pipefail
 BIN=${BIN:-$(dirname "$0")/../.venv/bin}
 ARGS=()
 if [[ -n "${HOSTFILE:-}" ]]; then ARGS=(--hostfile "$HOSTFILE"); fi
-if [[ -n "${NUM_GPUS:-}" || -z "${HOSTFILE:-}" ]]; then ARGS+=(--num_gpus "${NUM_GPUS:-2}"); fi
+if [[ -z "${HOSTFILE:-}" && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    # Given --num_gpus, DeepSpeed drops CUDA_VISIBLE_DEVICES and counts from GPU 0: name the devices.
+    IFS=, read -ra VISIBLE <<< "$CUDA_VISIBLE_DEVICES"
+    if (( ${#VISIBLE[@]} < ${NUM_GPUS:-2} )); then
+        echo "launch/deepspeed.sh: NUM_GPUS=${NUM_GPUS:-2} but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#VISIBLE[@]}" >&2
+        exit 2
+    fi
+    DEVICES=$(IFS=,; echo "${VISIBLE[*]:0:${NUM_GPUS:-2}}")
+    ARGS+=(--include "localhost:$DEVICES")
+elif [[ -n "${NUM_GPUS:-}" || -z "${HOSTFILE:-}" ]]; then
+    ARGS+=(--num_gpus "${NUM_GPUS:-2}")
+fi
 # The runner takes the first host's address from `hostname -I` there unless told; MASTER_ADDR tells it.
 if [[ -n "${MASTER_ADDR:-}" ]]; then ARGS+=(--master_addr "$MASTER_ADDR"); fi
 exec "$BIN/deepspeed" "${ARGS[@]}" --master_port "${MASTER_PORT:-29500}" \

@@ -7,9 +7,13 @@
 # torchrun picks a free port (--standalone), so two jobs on one node do not collide.
 set -euo pipefail
 BIN=${BIN:-$(dirname "$0")/../.venv/bin}
-if [[ ${NNODES:-1} != 1 ]]; then  # several nodes, or an elastic range such as 1:2
+if [[ ! ${NNODES:-1} =~ ^[1-9][0-9]*$ ]]; then  # the static rendezvous waits for a fixed count
+    echo "launch/torchrun.sh: NNODES=$NNODES must be a node count such as 2 (no elastic ranges)" >&2
+    exit 2
+fi
+if [[ ${NNODES:-1} != 1 ]]; then  # several nodes
     if [[ -z ${MASTER_ADDR:-} || -z ${NODE_RANK:-} ]]; then
-        echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (the first node) and NODE_RANK (0..$((NNODES - 1))) on every node" >&2
+        echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (the first node) and NODE_RANK (0 to NNODES-1) on every node" >&2
         exit 2
     fi
     RENDEZVOUS=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}")

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from stairscale.config import COMPILE_MODES, check_writable_dir, load_config
-from stairscale.errors import CheckpointError, ConfigError, DataError, RunFailed, TrainingDiverged
+from stairscale.errors import CheckpointError, ConfigError, DataError, LaunchError, RunFailed, TrainingDiverged
 from stairscale.parallel.launchers import abort_mpi_launch
 
 
@@ -114,7 +114,7 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"stairscale: config error: {err}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingDiverged, RunFailed) as err:
+    except (DataError, CheckpointError, LaunchError, TrainingDiverged, RunFailed) as err:
         print(f"stairscale: error: {err}", file=sys.stderr)
         return 1
     return 0

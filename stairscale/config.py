@@ -243,6 +243,7 @@ class ParallelConfig:
     pipeline: int = 1  # PP: core layers split over this many stages
     zero_stage: int = 0  # DeepSpeed ZeRO stage over the data-parallel group (0-3)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    timeout_minutes: float = 0.0  # how long a rank waits for the others to join or in a collective; 0: torch's default
 
     def validate(self, model: ModelConfig) -> None:
         need = _checker("parallel")
@@ -251,6 +252,7 @@ class ParallelConfig:
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         need(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")
         need(self.backend in ("auto", "gloo", "nccl"), "backend", f"{self.backend!r} is not auto, gloo or nccl")
+        need(math.isfinite(self.timeout_minutes) and self.timeout_minutes >= 0, "timeout_minutes", f"must be >= 0, got {self.timeout_minutes}")
         need(model.n_heads % self.tensor == 0, "tensor", f"{self.tensor} does not divide model.n_heads={model.n_heads}")
         need(model.d_ff % self.tensor == 0, "tensor", f"{self.tensor} does not divide model.d_ff={model.d_ff}")
         need(self.pipeline <= model.n_layers, "pipeline", f"{self.pipeline} stages for model.n_layers={model.n_layers} layers")

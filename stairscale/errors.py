@@ -15,6 +15,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model; the message names the file."""
 
 
+class LaunchError(RuntimeError):
+    """The processes of a launch could not join; the message names the rank and the address."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm stopped being a finite number; the message names the step."""
 

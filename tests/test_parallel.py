@@ -301,6 +301,33 @@ def test_launches_that_cannot_work_are_refused_with_the_reason(config, tmp_path)
     done = subprocess.run([str(ROOT / "launch/torchrun.sh"), "--config", str(config)], capture_output=True, text=True,
                           cwd=ROOT, timeout=60, env=variables)
     assert done.returncode == 2 and "NNODES=2 needs MASTER_ADDR" in done.stderr, done.stderr
+    variables["NNODES"] = "1:2"  # torchrun's static rendezvous cannot take an elastic range
+    done = subprocess.run([str(ROOT / "launch/torchrun.sh")], capture_output=True, text=True, cwd=ROOT, timeout=60, env=variables)
+    assert done.returncode == 2 and "NNODES=1:2 must be a node count" in done.stderr, done.stderr
+    # RANK and WORLD_SIZE by hand need rank 0's address: 127.0.0.1 would be wrong on any other node.
+    by_hand = {**env(), "RANK": "0", "WORLD_SIZE": "2"}
+    by_hand.pop("MASTER_ADDR", None)
+    done = subprocess.run(train, capture_output=True, text=True, cwd=ROOT, timeout=300, env=by_hand)
+    assert done.returncode == 2 and "rank 0 of 2 (env): MASTER_ADDR is not set" in done.stderr, done.stderr[-3000:]
+    # A rank whose peers never come gives up after parallel.timeout_minutes (3 s here), naming where it waited.
+    port = free_port()
+    done = subprocess.run([*train, "--set", "parallel.timeout_minutes=0.05"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**by_hand, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+    assert done.returncode == 1 and f"rank 0 of 2 (env) could not join the others at 127.0.0.1:{port}" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    # Under mpirun, rank 0 hosts the rendezvous: an inherited MASTER_ADDR of another host is refused at once.
+    mpirun = [str(Path(sys.executable).parent / "mpirun"), "-n", "2", *train, "--set", "parallel.tensor=2"]
+    done = subprocess.run(mpirun, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**env(), "MASTER_ADDR": "192.0.2.1"})
+    assert done.returncode != 0 and "MASTER_ADDR=192.0.2.1 is not an address of rank 0's host" in done.stderr, done.stderr[-3000:]
+
+
+def test_a_process_another_launcher_gave_a_rank_never_starts_mpi_to_abort():
+    """torchrun started by mpirun (one per node) gives its workers RANK and WORLD_SIZE, and they
+    inherit MPI's variables: such a worker is not an MPI rank, and must not call MPI_Init to abort."""
+    check = "from stairscale.parallel.launchers import abort_mpi_launch; import sys; abort_mpi_launch(1); print('mpi4py' in sys.modules)"
+    variables = {**env(), "PMI_SIZE": "2", "PMI_RANK": "1", "RANK": "3", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "job"}
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, timeout=120, env=variables)
+    assert done.returncode == 0 and done.stdout.strip() == "False", (done.stdout, done.stderr[-3000:])
 
 
 def test_which_launcher_started_a_process_inside_a_slurm_allocation(monkeypatch):

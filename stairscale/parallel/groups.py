@@ -6,6 +6,7 @@ of one tensor-parallel group are neighbours).
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -13,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from stairscale.config import ParallelConfig, RunConfig
-from stairscale.errors import ConfigError
-from stairscale.parallel.launchers import launch_environment, rendezvous_address
+from stairscale.errors import ConfigError, LaunchError
+from stairscale.parallel.launchers import free_port, launch_environment
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,13 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
     # megatron-core's tensor-parallel linears overlap their gradient all-reduce with compute when
     # CUDA runs kernels in launch order (its recommended setting; read before CUDA starts).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(rendezvous_address()[1]) if world == 1 else "29500"
+    if world == 1:  # ZeRO in one process: a store of its own
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    elif "MASTER_ADDR" not in os.environ:  # on another node, a default of 127.0.0.1 would wait for ranks that never come
+        raise ConfigError(f"rank {rank} of {world} ({launcher}): MASTER_ADDR is not set: set it to the address of rank 0's host "
+                          "(and MASTER_PORT, default 29500), or start the ranks with a launcher from launch/")
+    os.environ.setdefault("MASTER_PORT", "29500")
     # DeepSpeed needs LOCAL_RANK, and on a GPU takes it for the device index; a single process, or
     # RANK and WORLD_SIZE set by hand, lack it.
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -81,7 +86,13 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        timeout = {"timeout": datetime.timedelta(minutes=cfg.timeout_minutes)} if cfg.timeout_minutes else {}
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world, **timeout)
+        except dist.DistError as err:  # a rank that never came, or an address nobody listens at
+            raise LaunchError(f"rank {rank} of {world} ({launcher}) could not join the others at "
+                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (parallel.timeout_minutes "
+                              f"{cfg.timeout_minutes or 'torch default'}): {err}") from err
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():

@@ -10,6 +10,7 @@ port; in an srun step the rank and size come from SLURM_PROCID and SLURM_STEP_NU
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import socket
 import sys
@@ -17,6 +18,7 @@ import sys
 from stairscale.errors import ConfigError
 
 MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+_rank_from_mpi = False  # set once _mpi_environment has read this process's rank from MPI
 
 
 def srun_step_tasks() -> int:
@@ -63,20 +65,25 @@ def _mpi_environment() -> tuple[str, int, int]:
     if comm.Get_size() == 1 and any(int(size) > 1 for size in announced.values()):
         raise ConfigError(f"the MPI launcher announced {announced}, but mpi4py's MPI (MPICH, from the venv) sees one "
                           "process: start the ranks with the mpirun of the same MPI (launch/mpirun.sh)")
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this node
     if comm.Get_size() > 1:
-        address = comm.bcast(rendezvous_address() if comm.Get_rank() == 0 else None, root=0)
+        address = comm.bcast(rendezvous_address(node.Get_size() < comm.Get_size()) if comm.Get_rank() == 0 else None, root=0)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address[0], str(address[1])
     # What torchrun would have set, for DeepSpeed and for device selection.
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(comm.Get_rank()), str(comm.Get_size())
-    os.environ["LOCAL_RANK"] = str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
+    os.environ["LOCAL_RANK"] = str(node.Get_rank())
+    global _rank_from_mpi
+    _rank_from_mpi = True
     return "mpirun", comm.Get_rank(), comm.Get_size()
 
 
 def abort_mpi_launch(exit_code: int, message: str = "") -> None:
     """End every rank of an mpirun launch when this one fails (after printing `message`): mpirun
     does not notice a rank that exits normally, and the others would wait in a collective until
-    its timeout."""
-    if not started_by_mpi():
+    its timeout. A process that another launcher gave RANK and WORLD_SIZE (say torchrun started
+    by mpirun, one per node) is not an MPI rank, whatever MPI variables it inherited."""
+    given_a_rank = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not _rank_from_mpi and (given_a_rank or not started_by_mpi()):
         return
     from mpi4py import MPI
 
@@ -87,11 +94,26 @@ def abort_mpi_launch(exit_code: int, message: str = "") -> None:
         MPI.COMM_WORLD.Abort(exit_code)
 
 
-def rendezvous_address() -> tuple[str, int]:
-    host = os.environ.get("MASTER_ADDR") or _routable_address()
+def free_port(host: str = "") -> int:
+    """A port free on `host` (an address of this machine; "" for any)."""
     with socket.socket() as s:
-        s.bind(("", 0))
-        return host, s.getsockname()[1]
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_address(spans_nodes: bool) -> tuple[str, int]:
+    """Rank 0's address and a free port there, for an MPI launch: MASTER_ADDR if set (it must be
+    an address of this host, where torch's store will listen), else the address other nodes reach."""
+    host = os.environ.get("MASTER_ADDR") or _routable_address()
+    try:
+        port = free_port(host)
+    except OSError as err:
+        raise ConfigError(f"MASTER_ADDR={host} is not an address of rank 0's host {socket.gethostname()} ({err.strerror}): "
+                          "unset it, or set it to that host's address") from err
+    if spans_nodes and ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+        raise ConfigError(f"MASTER_ADDR={host} is a loopback address, but the ranks run on several nodes: "
+                          "unset it, or set it to rank 0's host address")
+    return host, port
 
 
 def _routable_address() -> str:

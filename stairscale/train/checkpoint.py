@@ -63,7 +63,7 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str:
 
 
 # Keys that change how a run is executed, not what it computes.
-NOT_THE_RUN = ("run_dir", "data.cache", "data.workers", "data.prefetch", "train.threads", "train.log_every")
+NOT_THE_RUN = ("run_dir", "data.cache", "data.workers", "data.prefetch", "train.threads", "train.log_every", "parallel.timeout_minutes")
 
 
 def holds_a_run(run_dir: Path) -> bool:
