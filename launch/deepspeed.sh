@@ -9,8 +9,12 @@ set -euo pipefail
 BIN=${BIN:-$(dirname "$0")/../.venv/bin}
 ARGS=()
 if [[ -n "${HOSTFILE:-}" ]]; then ARGS=(--hostfile "$HOSTFILE"); fi
-if [[ -z "${HOSTFILE:-}" && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+if [[ -z "${HOSTFILE:-}" && -n "${CUDA_VISIBLE_DEVICES:-}" && ${DS_ACCELERATOR:-cuda} == cuda ]] && command -v nvidia-smi >/dev/null; then
     # Given --num_gpus, DeepSpeed drops CUDA_VISIBLE_DEVICES and counts from GPU 0: name the devices.
+    if [[ ! $CUDA_VISIBLE_DEVICES =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+        echo "launch/deepspeed.sh: the deepspeed launcher selects GPUs by index, and CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES is not a list of indices (use launch/torchrun.sh)" >&2
+        exit 2
+    fi
     IFS=, read -ra VISIBLE <<< "$CUDA_VISIBLE_DEVICES"
     if (( ${#VISIBLE[@]} < ${NUM_GPUS:-2} )); then
         echo "launch/deepspeed.sh: NUM_GPUS=${NUM_GPUS:-2} but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#VISIBLE[@]}" >&2

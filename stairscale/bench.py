@@ -121,10 +121,10 @@ def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int) -> list
     warm-up steps: a pipeline cannot be compiled, so they pay only for start-up.)"""
     rows = []
     _, _, world = launch_environment()
-    rank_lanes = cfg.train.lanes // max(1, world // (cfg.parallel.tensor * cfg.parallel.pipeline))
+    dp = max(1, world // (cfg.parallel.tensor * cfg.parallel.pipeline))
     for count in micro_batches:  # before any measurement (the trainer would name train.grad_accum)
-        if rank_lanes % count:
-            raise ConfigError(f"--micro-batches: {count} micro-batches do not divide the {rank_lanes} lanes of each data-parallel rank")
+        if cfg.train.lanes % dp == 0 and (cfg.train.lanes // dp) % count:  # (else the trainer names train.lanes)
+            raise ConfigError(f"--micro-batches: {count} micro-batches do not divide the {cfg.train.lanes // dp} lanes of each data-parallel rank")
     for count in micro_batches:
         with StepTimer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count))) as timer:
             seconds = timer.seconds_per_step(steps, warmup=2)

@@ -388,7 +388,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     data: dict = {}
     if path:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as err:
             raise ConfigError(f"config file {path}: {err.strerror}") from err
         except UnicodeDecodeError as err:

@@ -104,3 +104,11 @@ def test_merging_an_empty_tally_changes_nothing():
     empty = Tally(labelled=True, byte_level=False)
     empty.merge(tally)
     assert empty.summary() == tally.summary() and np.array_equal(empty.errors_at, tally.errors_at)
+
+
+def test_perplexity_of_a_diverging_text_run_is_infinite_not_an_overflow():
+    tally = Tally(labelled=False, byte_level=True)
+    targets = torch.zeros(1, 2, dtype=torch.long)
+    tally.add(Scores(torch.full((1, 2), 800.0), torch.zeros(1, 2, dtype=torch.long)), targets, torch.arange(2)[None])
+    summary = tally.summary()
+    assert summary["loss"] == 800.0 and summary["perplexity"] == math.inf

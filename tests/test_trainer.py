@@ -14,10 +14,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stairscale.bench import bench_step
-from stairscale.train.scoring import evaluate_run
 from stairscale.config import load_config
-from stairscale.errors import CheckpointError, ConfigError, DataError
+from stairscale.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from stairscale.train.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
+from stairscale.train.scoring import evaluate_run
 from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_loader, reach
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
@@ -359,18 +359,34 @@ def test_an_interrupted_run_says_so(tmp_path, cache):
 
 
 def test_a_diverged_run_stops_at_once_and_keeps_no_weights(tmp_path, cache):
-    """A learning rate of 1e30 makes the weights NaN within a few steps: the run stops at the next
-    log line or validation, whichever comes first, names the step, and keeps neither a final
-    checkpoint nor a "best" one of NaN weights; its curves so far are in TensorBoard."""
+    """A learning rate of 1e30 makes the weights NaN by the second step: the run stops at the next
+    log line, names the step and keeps no checkpoint; the curves it logged are in TensorBoard."""
     run_dir = tmp_path / "run"
-    overrides = TINY + ["train.steps=40", "train.lr=1e30", "train.warmup_steps=1", "train.log_every=4", "train.eval_every=2",
-                        "train.keep_best=true", f"run_dir={run_dir}", f"data.cache={cache}"]
+    overrides = TINY + ["train.steps=40", "train.lr=1e30", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0",
+                        f"run_dir={run_dir}", f"data.cache={cache}"]
     out = subprocess.run([sys.executable, "-m", "stairscale.cli", "train"] + [a for o in overrides for a in ("--set", o)],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert "stairscale: error: training diverged at step " in out.stderr and "Lower train.lr" in out.stderr
-    assert not (run_dir / CHECKPOINT).exists() and not (run_dir / BEST).exists()
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "stairscale: error: training diverged at step 2 (loss nan" in out.stderr and "Lower train.lr" in out.stderr
+    assert not (run_dir / CHECKPOINT).exists()
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1]
+
+
+def test_a_diverged_run_stops_before_it_validates_and_never_saves_nan_weights(tmp_path, tiny):
+    # A validation comes before the next log line: the run stops before scoring or keeping NaN weights.
+    trainer = Trainer(tiny(tmp_path, "train.steps=40", "train.lr=1e30", "train.warmup_steps=1", "train.log_every=4",
+                           "train.eval_every=2", "train.keep_best=true"), quiet=True)
+    with pytest.raises(TrainingDiverged, match="training diverged at step 2"):
+        trainer.train()
+    assert trainer.curve == [] and not (tmp_path / "run" / BEST).exists()
+    # An update after the last loss read back can still overflow the weights: they are checked when saved.
+    with torch.no_grad():
+        next(trainer.model.parameters())[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="training diverged by step 40"):
+        trainer._save(CHECKPOINT, 40)
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
 
 
 def test_keep_best_never_keeps_weights_whose_loss_is_not_a_number(tmp_path, tiny):

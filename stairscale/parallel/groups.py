@@ -18,6 +18,9 @@ from stairscale.errors import ConfigError, LaunchError
 from stairscale.parallel.launchers import free_port, launch_environment
 
 
+DEFAULT_TIMEOUT_MINUTES = {"gloo": 30, "nccl": 10}  # torch's, for parallel.timeout_minutes 0
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where this process sits. A single process is Layout() with every size 1."""
@@ -72,7 +75,7 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif "MASTER_ADDR" not in os.environ:  # on another node, a default of 127.0.0.1 would wait for ranks that never come
-        raise ConfigError(f"rank {rank} of {world} ({launcher}): MASTER_ADDR is not set: set it to the address of rank 0's host "
+        raise LaunchError(f"rank {rank} of {world} ({launcher}): MASTER_ADDR is not set: set it to the address of rank 0's host "
                           "(and MASTER_PORT, default 29500), or start the ranks with a launcher from launch/")
     os.environ.setdefault("MASTER_PORT", "29500")
     # DeepSpeed needs LOCAL_RANK, and on a GPU takes it for the device index; a single process, or
@@ -82,21 +85,21 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
         # A task may see only its own GPUs (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank).
         local_rank %= torch.cuda.device_count()
     os.environ["LOCAL_RANK"] = str(local_rank)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    timeout = cfg.timeout_minutes or DEFAULT_TIMEOUT_MINUTES[backend]
     if not dist.is_initialized():
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        timeout = {"timeout": datetime.timedelta(minutes=cfg.timeout_minutes)} if cfg.timeout_minutes else {}
         try:
-            dist.init_process_group(backend, rank=rank, world_size=world, **timeout)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout))
         except dist.DistError as err:  # a rank that never came, or an address nobody listens at
             raise LaunchError(f"rank {rank} of {world} ({launcher}) could not join the others at "
-                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (parallel.timeout_minutes "
-                              f"{cfg.timeout_minutes or 'torch default'}): {err}") from err
+                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout:g} minutes "
+                              f"(parallel.timeout_minutes): {err}") from err
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(cfg.tensor, cfg.pipeline)
+        parallel_state.initialize_model_parallel(cfg.tensor, cfg.pipeline, distributed_timeout_minutes=timeout)
     built = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
     if built != (cfg.tensor, cfg.pipeline):
         raise ConfigError(f"parallel: this process already has groups for tensor {built[0]} x pipeline {built[1]}; "

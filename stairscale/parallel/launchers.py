@@ -104,15 +104,17 @@ def free_port(host: str = "") -> int:
 def rendezvous_address(spans_nodes: bool) -> tuple[str, int]:
     """Rank 0's address and a free port there, for an MPI launch: MASTER_ADDR if set (it must be
     an address of this host, where torch's store will listen), else the address other nodes reach."""
-    host = os.environ.get("MASTER_ADDR") or _routable_address()
+    given = os.environ.get("MASTER_ADDR")
+    host = given or _routable_address()
+    named = f"MASTER_ADDR={host}" if given else f"rank 0's address {host} (found from its host name; set MASTER_ADDR)"
     try:
         port = free_port(host)
     except OSError as err:
-        raise ConfigError(f"MASTER_ADDR={host} is not an address of rank 0's host {socket.gethostname()} ({err.strerror}): "
+        raise ConfigError(f"{named} is not an address of rank 0's host {socket.gethostname()} ({err.strerror}): "
                           "unset it, or set it to that host's address") from err
     if spans_nodes and ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
-        raise ConfigError(f"MASTER_ADDR={host} is a loopback address, but the ranks run on several nodes: "
-                          "unset it, or set it to rank 0's host address")
+        raise ConfigError(f"{named} is a loopback address, but the ranks run on several nodes: "
+                          "set MASTER_ADDR to rank 0's host address as the other nodes reach it")
     return host, port
 
 

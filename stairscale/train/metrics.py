@@ -111,7 +111,7 @@ class Tally:
         if self.labelled:
             out["error"] = 100.0 * self.errors / max(self.count, 1)
         else:
-            out["perplexity"] = math.exp(loss)
+            out["perplexity"] = math.exp(loss) if loss < 709 else math.inf  # exp overflows a float beyond 709.78
             if self.byte_level:
                 out["bpb"] = loss / math.log(2)
         return out

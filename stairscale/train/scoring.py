@@ -39,4 +39,3 @@ def evaluate_run(run_dir: str, split: str, overrides: list[str] = (), weights: s
     if tally.labelled:
         result["error_by_position"] = tally.error_by_position(bucket=32)
     return result
-

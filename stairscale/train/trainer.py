@@ -291,18 +291,23 @@ class Trainer:
         return scores
 
     def _read_back_history(self) -> None:
-        """Read the steps' loss and gradient norm back from the device (at log lines only) and stop
-        at a value that is not a finite number: the weights are then lost, and every later step
-        would be wasted."""
+        """Read the steps' loss and gradient norm back from the device (at log lines and before
+        validations) and stop at a value that is not a finite number: the weights are then lost,
+        and every later step would be wasted."""
+        if not self.unread:  # every rank has read back the same steps
+            return
         first = len(self.history)
         self.history += [{"loss": float(loss), "grad_norm": float(norm)} for loss, norm in self.unread]
         self.unread = []
         bad = [i for i, s in enumerate(self.history[first:], first) if not (math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]))]
         if collectives.any_rank(bool(bad), self.layout, self.device):  # the loss is on the last stage only
             where = f"at step {bad[0] + 1} (loss {self.history[bad[0]]['loss']}, gradient norm {self.history[bad[0]]['grad_norm']})" if bad else f"by step {len(self.history)}"
-            kept = f"; {BEST} keeps the weights of step {self.best['step']}" if self.best else ""
-            raise TrainingDiverged(f"training diverged {where}: the run stops without a checkpoint, its weights are no longer "
-                                   f"numbers{kept}. Lower train.lr, lengthen train.warmup_steps or set train.grad_clip")
+            self._diverged(where)
+
+    def _diverged(self, where: str) -> None:
+        kept = f"; {BEST} keeps the weights of step {self.best['step']}" if self.best else ""
+        raise TrainingDiverged(f"training diverged {where}: the run stops without a checkpoint, its weights are no longer "
+                               f"numbers{kept}. Lower train.lr, lengthen train.warmup_steps or set train.grad_clip")
 
     def _log_progress(self, progress: Progress, done: int, lr: float, grad_norm: float) -> None:
         now = time.perf_counter()
@@ -349,7 +354,12 @@ class Trainer:
         return results
 
     def _save(self, name: str, step: int) -> None:
+        """Write the single-device weights; weights that are not all finite numbers (an update after
+        the last loss read back overflowed them) stop the run instead."""
         weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)  # a collective: every rank calls it
+        broken = self.layout.reports and not all(bool(w.isfinite().all()) for w in weights.values() if w.is_floating_point())
+        if collectives.any_rank(broken, self.layout, self.device):
+            self._diverged(f"by step {step}")
         if self.layout.reports:
             save_checkpoint(self.run_dir, {"model": weights, "step": step, "layout": dataclasses.asdict(self.layout)}, name)
 
