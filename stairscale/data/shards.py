@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -46,12 +47,12 @@ def write_dataset(
     out_dir = Path(out_dir)
     check_replaceable(out_dir, replace)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.writing-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # as mkdir would make it (mkdtemp makes it private)
+    # Named before it exists and made only once SIGTERM unwinds: however the writing is stopped,
+    # the directory is removed or was never made.
+    tmp = out_dir.parent / f".{out_dir.name}.writing-{secrets.token_hex(6)}"
     try:
         with _terminate_unwinds():
+            tmp.mkdir()
             manifest = _write_splits(tmp, vocab, labelled, splits, shard_docs, shards, source, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
