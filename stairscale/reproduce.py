@@ -137,21 +137,23 @@ def run_all(configs: list[dict], parallel: int) -> None:
     """Run the configs, `parallel` at a time, longest first; on the first failure stop the others."""
     pending = sorted(configs, key=lambda c: -c["train"]["steps"] * (2 if c["model"]["schedule"] == "staircase" else 1))
     running: list[tuple[subprocess.Popen, dict]] = []
-    while pending or running:
-        while pending and len(running) < parallel:
-            config = pending.pop(0)
-            print(f"  start {config['run_dir']} ({config['train']['steps']} steps)", flush=True)
-            running.append((launch(config), config))
-        time.sleep(2)
-        for proc, config in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, config))
-                if proc.returncode:
-                    for other, _ in running:
-                        other.terminate()
-                        other.wait()
-                    raise RunFailed(f"{config['run_dir']} failed (exit {proc.returncode}); see its train.log")
-                print(f"  done  {config['run_dir']}", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                config = pending.pop(0)
+                print(f"  start {config['run_dir']} ({config['train']['steps']} steps)", flush=True)
+                running.append((launch(config), config))
+            time.sleep(2)
+            for proc, config in list(running):
+                if proc.poll() is not None:
+                    running.remove((proc, config))
+                    if proc.returncode:
+                        raise RunFailed(f"{config['run_dir']} failed (exit {proc.returncode}); see its train.log")
+                    print(f"  done  {config['run_dir']}", flush=True)
+    finally:  # a failed run, Ctrl-C or SIGTERM: the other runs stop too
+        for proc, _ in running:
+            proc.terminate()
+            proc.wait()
 
 
 def fit_steps_scale(budget: Budget, out: Path, minutes: float, compile: str = "none") -> float:

@@ -67,3 +67,33 @@ def test_the_table_judges_the_targets_of_the_issue():
         "- PASS: Staircase on 128-token walks: 0.5%, under 5%",
         "- FAIL: Staircase on 1024-token walks: 12.0%, under 5%",
     ]
+
+
+def test_sigterm_stops_the_reproduction_and_every_run_it_started(tmp_path):
+    """The runs are child processes: a scheduler's stop of the reproduction must not orphan them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "tracking"
+    command = [sys.executable, "-m", "stairscale.cli", "reproduce", "tracking", "--quick", "--steps-scale", "0.01", "--out", str(out)]
+    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = 0
+    for line in parent.stdout:
+        started += line.strip().startswith("start ")
+        if started == 2:
+            break
+    time.sleep(1)
+    parent.send_signal(signal.SIGTERM)
+    _, stderr = parent.communicate(timeout=120)
+    assert parent.returncode == 143 and "stairscale: reproduce stopped by SIGTERM" in stderr, stderr[-3000:]
+    children = [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and str(out).encode() in _cmdline(pid)]
+    assert children == [], "runs left running after their reproduction stopped"
+
+
+def _cmdline(pid: Path) -> bytes:
+    try:
+        return (pid / "cmdline").read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""
