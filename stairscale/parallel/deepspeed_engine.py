@@ -55,7 +55,7 @@ def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool) -> dict:
         "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "train_micro_batch_size_per_gpu": t.lanes // layout.dp // micro_batches,
         "gradient_accumulation_steps": micro_batches,
-        # ZeRO-0 clips in DeepSpeedOptimizer.step (clip_gradients), which keeps the norm for the logs.
+        # ZeRO-0 clips in DeepSpeedTrainEngine.step (clip_gradients), which keeps the norm for the logs.
         "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,  # torch's AdamW, as in the single-process run
@@ -64,8 +64,8 @@ def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool) -> dict:
     }
 
 
-class DeepSpeedOptimizer:
-    """The trainer's optimizer interface (backward, step) on a DeepSpeed engine."""
+class DeepSpeedTrainEngine:
+    """The trainer's engine interface (forward, backward, step) on a DeepSpeed engine."""
 
     def __init__(self, model: nn.Module, cfg: RunConfig, layout: Layout, optimizer: torch.optim.Optimizer, bf16: bool):
         # Also for train.device=cpu on a machine with a GPU. DeepSpeed reads this once per process,
@@ -78,33 +78,33 @@ class DeepSpeedOptimizer:
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         self.cfg = cfg
         self.pipeline = layout.pp > 1
-        self.engine, _, _, _ = deepspeed.initialize(
+        self.deepspeed, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout, bf16), mpu=MegatronGroups()
         )
 
     @property
     def module(self) -> nn.Module:
-        return self.engine.module
+        return self.deepspeed.module
 
     def forward(self, *args):
-        return self.engine(*args)
+        return self.deepspeed(*args)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer normalises the loss itself
-        if not self.engine.is_gradient_accumulation_boundary():
-            self.engine.step()  # DeepSpeed counts micro-batches in step(); it updates at the boundary
+        self.deepspeed.backward(loss, scale_wrt_gas=False)  # the trainer normalises the loss itself
+        if not self.deepspeed.is_gradient_accumulation_boundary():
+            self.deepspeed.step()  # DeepSpeed counts micro-batches in step(); it updates at the boundary
 
     def step(self, lr: float) -> float:
         """Clip, update and zero the gradients; returns the gradient norm before clipping."""
-        for group in self.engine.optimizer.param_groups:
+        for group in self.deepspeed.optimizer.param_groups:
             group["lr"] = lr
         if self.pipeline:  # the pipeline ran backward outside the engine: reduce over data parallel now
-            self.engine.allreduce_gradients()
+            self.deepspeed.allreduce_gradients()
         norm = None
         if self.cfg.parallel.zero_stage == 0:
-            norm = clip_gradients(list(self.engine.module.parameters()), self.cfg.train.grad_clip)
-        self.engine.step()
-        return float(norm if norm is not None else self.engine.get_global_grad_norm())
+            norm = clip_gradients(list(self.deepspeed.module.parameters()), self.cfg.train.grad_clip)
+        self.deepspeed.step()
+        return float(norm if norm is not None else self.deepspeed.get_global_grad_norm())
 
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:

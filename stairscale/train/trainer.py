@@ -33,7 +33,7 @@ from stairscale.parallel.model import build_model, full_state_dict
 from stairscale.train.carried_offset import CarriedOffset
 from stairscale.train.checkpoint import BEST, CHECKPOINT, RESULTS, refuse_another_run, save_checkpoint
 from stairscale.train.metrics import Tally, headline
-from stairscale.train.optimizer import build_optimizer
+from stairscale.train.engine import build_engine
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -180,8 +180,8 @@ class Trainer:
             model.core.compile_calls(cfg.train.compile)
         if self.layout.distributed:
             torch.manual_seed(cfg.train.seed + self.layout.rank)  # distinct dropout masks per rank
-        self.optimizer = build_optimizer(model, cfg, self.layout, uses_bf16(cfg, self.device))
-        self.model = self.optimizer.module
+        self.engine = build_engine(model, cfg, self.layout, uses_bf16(cfg, self.device))
+        self.model = self.engine.module
         self.run_dir = Path(cfg.run_dir)
         self.writer = self._open_run_dir() if self.layout.reports else None
         self.curve: list[dict] = []
@@ -274,7 +274,7 @@ class Trainer:
                 nll += scores.nll.sum(dtype=torch.float64)
                 if self.label_shifts is not None:
                     self.label_shifts[g].update(on_device[g], scores.predicted)
-        grad_norm = self.optimizer.step(lr)
+        grad_norm = self.engine.step(lr)
         return collectives.sum_over_data_parallel(nll, self.layout) / max(1, targets), grad_norm
 
     def _forward_backward(self, micros: list[Batch], states: list, scale: float) -> list[Scores | None]:
@@ -285,8 +285,8 @@ class Trainer:
         scores = []
         for g, micro in enumerate(micros):
             with autocast(self.cfg, self.device):
-                out, states[g] = self.optimizer.forward(micro.tokens, micro.doc_start, micro.targets, states[g])
-            self.optimizer.backward(out.nll.sum() * scale)
+                out, states[g] = self.engine.forward(micro.tokens, micro.doc_start, micro.targets, states[g])
+            self.engine.backward(out.nll.sum() * scale)
             scores.append(Scores(out.nll.detach(), out.predicted))
         return scores
 

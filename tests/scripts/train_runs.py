@@ -31,7 +31,7 @@ def train_and_record(trainer: Trainer, run_dir: Path) -> None:
 
     trainer.train_step = observed_step
     trainer.train()
-    engine = getattr(trainer.optimizer, "engine", None)
+    engine = getattr(trainer.engine, "deepspeed", None)
     params = list(trainer.model.parameters())
     record = {
         "layout": dataclasses.asdict(trainer.layout),

@@ -1,5 +1,6 @@
-"""The optimizer side of a train step: AdamW with clipping, in plain PyTorch for a single process
-or in a DeepSpeed engine (ZeRO, data parallel) otherwise. Both offer forward, backward and step."""
+"""What runs a train step's model and optimizer: AdamW with clipping, in plain PyTorch for a single
+process or in a DeepSpeed engine (ZeRO, data parallel) otherwise. Both offer forward, backward and
+step, and the model as `module`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from stairscale.config import RunConfig
 from stairscale.parallel.groups import Layout
 
 
-class TorchOptimizer:
+class TorchEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float):
         self.module, self.optimizer, self.grad_clip = model, optimizer, grad_clip
 
@@ -31,7 +32,7 @@ class TorchOptimizer:
         return norm
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig, layout: Layout, bf16: bool):
+def build_engine(model: nn.Module, cfg: RunConfig, layout: Layout, bf16: bool):
     """AdamW, under DeepSpeed where the layout needs it; `bf16`: the forward runs under bf16 autocast."""
     t = cfg.train
     # On a GPU the fused kernel: one launch per step instead of a few per parameter. On the CPU,
@@ -39,7 +40,7 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, layout: Layout, bf16: bool
     fused = next(model.parameters()).device.type == "cuda"
     adamw = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, fused=fused)
     if layout.distributed or cfg.parallel.zero_stage:
-        from stairscale.parallel.deepspeed_engine import DeepSpeedOptimizer
+        from stairscale.parallel.deepspeed_engine import DeepSpeedTrainEngine
 
-        return DeepSpeedOptimizer(model, cfg, layout, adamw, bf16)
-    return TorchOptimizer(model, adamw, t.grad_clip)
+        return DeepSpeedTrainEngine(model, cfg, layout, adamw, bf16)
+    return TorchEngine(model, adamw, t.grad_clip)
