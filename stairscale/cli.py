@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -95,30 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("--compile", default="none", choices=COMPILE_MODES, help="train.compile of every run")
 
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _unwind)
     try:
         exit_code = run_command(args)
     except KeyboardInterrupt:
         print(f"stairscale: {args.command} interrupted", file=sys.stderr)
         exit_code = 130
-    except Terminated:
-        print(f"stairscale: {args.command} stopped by SIGTERM", file=sys.stderr)
-        exit_code = 128 + signal.SIGTERM
     except Exception:
         abort_mpi_launch(1, traceback.format_exc())
         raise
     if exit_code:
         abort_mpi_launch(exit_code)
     return exit_code
-
-
-class Terminated(BaseException):
-    """SIGTERM (`kill`, a scheduler's stop or time limit) arrived: unwind as Ctrl-C does, so that
-    TensorBoard curves are flushed, temporary files removed and child runs stopped."""
-
-
-def _unwind(signum, frame):
-    raise Terminated()
 
 
 def run_command(args: argparse.Namespace) -> int:

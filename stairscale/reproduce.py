@@ -9,6 +9,7 @@ single-thread processes do twice the work of one two-thread process).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -134,9 +135,11 @@ def launch(config: dict) -> subprocess.Popen:
 
 
 def run_all(configs: list[dict], parallel: int) -> None:
-    """Run the configs, `parallel` at a time, longest first; on the first failure stop the others."""
+    """Run the configs, `parallel` at a time, longest first; on the first failure, Ctrl-C or
+    SIGTERM (a scheduler's stop) stop the others: no run outlives the reproduction."""
     pending = sorted(configs, key=lambda c: -c["train"]["steps"] * (2 if c["model"]["schedule"] == "staircase" else 1))
     running: list[tuple[subprocess.Popen, dict]] = []
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -150,10 +153,32 @@ def run_all(configs: list[dict], parallel: int) -> None:
                     if proc.returncode:
                         raise RunFailed(f"{config['run_dir']} failed (exit {proc.returncode}); see its train.log")
                     print(f"  done  {config['run_dir']}", flush=True)
-    finally:  # a failed run, Ctrl-C or SIGTERM: the other runs stop too
-        for proc, _ in running:
+    finally:
+        _stop([proc for proc, _ in running])
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum, frame):
+    print(f"stairscale: reproduce stopped by {signal.Signals(signum).name}; stopping its runs", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+def _stop(runs: list[subprocess.Popen]) -> None:
+    """Stop the runs (SIGTERM, then SIGKILL after 30 s); a second Ctrl-C or SIGTERM meanwhile
+    cannot cut this short and leave a run behind."""
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for proc in runs:
             proc.terminate()
-            proc.wait()
+        for proc in runs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
 
 
 def fit_steps_scale(budget: Budget, out: Path, minutes: float, compile: str = "none") -> float:

@@ -115,7 +115,9 @@ def assert_layout_applied(run_dir: Path, ranks: int, cfg) -> None:
         assert record["layout"]["dp"] == dp and record["lanes_per_batch"] == [cfg.train.lanes // dp], record["lanes_per_batch"]
         model, params, master = record["model_numel"], record["held_param_numel"], record["held_master_numel"]
         assert_holds_share(params, model, dp if p.zero_stage == 3 else 1, "parameters")
-        if master is not None:  # under DeepSpeed: ZeRO 1-3 partition the fp32 master weights and optimizer state
+        under_deepspeed = ranks > 1 or p.zero_stage > 0  # as train/engine.py's build_engine decides
+        assert (master is not None) == under_deepspeed, master
+        if under_deepspeed:  # ZeRO 1-3 partition the fp32 master weights and optimizer state
             assert_holds_share(master, model, dp if p.zero_stage >= 1 else 1, "master weights")
         q = [shape for name, shape in record["shapes"].items() if name.endswith("attn.q.weight")]
         assert q and all(shape[0] == cfg.model.d_model // p.tensor for shape in q), q

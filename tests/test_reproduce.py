@@ -71,6 +71,7 @@ def test_the_table_judges_the_targets_of_the_issue():
 
 def test_sigterm_stops_the_reproduction_and_every_run_it_started(tmp_path):
     """The runs are child processes: a scheduler's stop of the reproduction must not orphan them."""
+    import os
     import signal
     import subprocess
     import sys
@@ -78,13 +79,14 @@ def test_sigterm_stops_the_reproduction_and_every_run_it_started(tmp_path):
 
     out = tmp_path / "tracking"
     command = [sys.executable, "-m", "stairscale.cli", "reproduce", "tracking", "--quick", "--steps-scale", "0.01", "--out", str(out)]
-    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    home = {**os.environ, "HOME": str(tmp_path)}  # the runs prepare their datasets in ~/.cache: not the user's
+    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=home)
     started = 0
     for line in parent.stdout:
         started += line.strip().startswith("start ")
         if started == 2:
             break
-    time.sleep(1)
+    time.sleep(3)
     parent.send_signal(signal.SIGTERM)
     _, stderr = parent.communicate(timeout=120)
     assert parent.returncode == 143 and "stairscale: reproduce stopped by SIGTERM" in stderr, stderr[-3000:]

@@ -50,20 +50,23 @@ def write_dataset(
     # Named before it exists and made only once SIGTERM unwinds: however the writing is stopped,
     # the directory is removed or was never made.
     tmp = out_dir.parent / f".{out_dir.name}.writing-{secrets.token_hex(6)}"
-    try:
-        with _terminate_unwinds():
+    with _terminate_unwinds():
+        try:
             tmp.mkdir()
             manifest = _write_splits(tmp, vocab, labelled, splits, shard_docs, shards, source, files)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _put_in_place(tmp, out_dir)
+        finally:  # (once in place there is nothing left to remove)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _put_in_place(tmp: Path, out_dir: Path) -> None:
     old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-")) if out_dir.exists() else None
     try:
         if old:  # an earlier dataset: swap the new one in, then delete the old one
             os.replace(out_dir, old / "dataset")
         os.replace(tmp, out_dir)
     except OSError as err:  # another writer got there first (a lock that does not hold across nodes)
-        shutil.rmtree(tmp, ignore_errors=True)
         kept = ""
         if old and (old / "dataset").exists():
             kept = f"; the earlier dataset is in {old / 'dataset'}"
@@ -73,7 +76,6 @@ def write_dataset(
                         f"time: {err}{kept}") from err
     if old:
         shutil.rmtree(old, ignore_errors=True)
-    return manifest
 
 
 @contextlib.contextmanager
