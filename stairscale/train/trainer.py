@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -228,9 +229,9 @@ class Trainer:
                     self._validate(done)
                     progress.restart_clock()
             return self._finish(time.perf_counter() - progress.started)
-        finally:  # the curves so far reach the event file however the run ends
-            if self.writer is not None:
-                self.writer.close()
+        finally:  # the curves so far reach the event file, unless Ctrl-C may have cut a write short
+            if self.writer is not None and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                self.writer.close()  # (an interrupted write can leave the writer's lock held: close would wait forever)
 
     def batches(self):
         """(step, this rank's batch, recurrent state per micro-batch). A curriculum stage starts new
