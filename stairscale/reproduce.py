@@ -87,8 +87,9 @@ QUICK = Budget(
 # error on long walks swings by ten points and more between nearby checkpoints). On the CPU it
 # scored 4.06% on 1,024-token test walks at seed 0 (36-46% at seeds 1 and 2); the earlier full
 # recipe, which read as many walks in 6,000 steps of 128 lanes, stayed at 22-23% at seeds 0 and 1
-# (docs/reproducing.md): steps, not lanes, are what the third stage needs. Its 33,000 steps fit a GPU's 10 minutes only at 18 ms per step
-# (--fit-minutes scales them down to what the machine measured). The baselines only have to show
+# (docs/reproducing.md): steps, not lanes, are what the third stage needs. Its 33,000 steps fit a
+# GPU's 10 minutes only at 18 ms per step (--fit-minutes scales them down to what the machine
+# measured). The baselines only have to show
 # where their reach ends; the algorithmic runs keep 128 lanes. Two runs at a time: a launch-bound
 # step leaves the GPU idle most of the time.
 FULL = Budget(

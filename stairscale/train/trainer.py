@@ -300,10 +300,11 @@ class Trainer:
         first = len(self.history)
         self.history += [{"loss": float(loss), "grad_norm": float(norm)} for loss, norm in self.unread]
         self.unread = []
-        bad = [i for i, s in enumerate(self.history[first:], first) if not (math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]))]
-        if collectives.any_rank(bool(bad), self.layout, self.device):  # the loss is on the last stage only
-            where = f"at step {bad[0] + 1} (loss {self.history[bad[0]]['loss']}, gradient norm {self.history[bad[0]]['grad_norm']})" if bad else f"by step {len(self.history)}"
-            self._diverged(where)
+        bad = next((step for step, s in enumerate(self.history[first:], first + 1) if not (math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]))), None)
+        if collectives.any_rank(bad is not None, self.layout, self.device):  # the loss is on the last stage only
+            if bad is None:  # (a stage without the loss saw only a finite gradient norm)
+                self._diverged(f"by step {len(self.history)}")
+            self._diverged(f"at step {bad} (loss {self.history[bad - 1]['loss']}, gradient norm {self.history[bad - 1]['grad_norm']})")
 
     def _diverged(self, where: str) -> None:
         kept = f"; {BEST} keeps the weights of step {self.best['step']}" if self.best else ""
@@ -357,9 +358,8 @@ class Trainer:
     def _save(self, name: str, step: int) -> None:
         """Write the single-device weights; weights that are not all finite numbers (an update after
         the last loss read back overflowed them) stop the run instead."""
-        weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)  # a collective: every rank calls it
-        broken = self.layout.reports and not all(bool(w.isfinite().all()) for w in weights.values() if w.is_floating_point())
-        if collectives.any_rank(broken, self.layout, self.device):
+        weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)  # a collective; every rank gets them all
+        if not all(bool(w.isfinite().all()) for w in weights.values() if w.is_floating_point()):  # (the same on every rank)
             self._diverged(f"by step {step}")
         if self.layout.reports:
             save_checkpoint(self.run_dir, {"model": weights, "step": step, "layout": dataclasses.asdict(self.layout)}, name)
