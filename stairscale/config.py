@@ -76,6 +76,7 @@ class ModelConfig:
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         need(self.window >= 1, "window", f"n must be >= 1, got {self.window}")
         need(self.repeats >= 1, "repeats", f"R must be >= 1, got {self.repeats}")
+        need(self.schedule == "ladder" or self.repeats == 1, "repeats", f"only the ladder repeats the core, got {self.repeats}")
         for key in ("cache_len", "mem_len"):
             need(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         need(self.d_model % self.n_heads == 0, "n_heads", f"{self.n_heads} does not divide d_model={self.d_model}")
@@ -100,7 +101,6 @@ class ModelConfig:
             need(self.cache_len == 0, "cache_len", f"schedule {self.schedule} has no cache")
             need(self.schedule != "transformer" or self.mem_len == 0, "mem_len", "the transformer has no memory (use transformer_xl)")
             need(self.schedule != "transformer_xl" or self.mem_len > 0, "mem_len", "transformer_xl needs mem_len > 0")
-            need(self.schedule == "ladder" or self.repeats == 1, "repeats", "only the ladder repeats the core")
 
 
 @dataclass
@@ -118,7 +118,7 @@ class TaskConfig:
     eval_docs: int = 64  # random walk / algorithmic: documents per validation or test evaluation (0: 1,000 walks, or all programs)
     train_docs: int = 50000  # random walk: training documents per curriculum length
     train_length_spread: float = 0.5  # random walk: training lengths uniform in [L*(1-spread), L]
-    piece_len: int = 1 << 20  # text: longer documents are cut into pieces of at most this many tokens
+    piece_len: int = 1 << 20  # text: longer documents are cut into pieces of at most this many tokens, start token included
     tokenizer: str = "bytes"  # text: bytes | bpe (trained on the train split with `tokenizers`)
     bpe_vocab: int = 4096  # text with tokenizer bpe: vocabulary size, special tokens included
     seed: int = 0
@@ -156,8 +156,8 @@ class TaskConfig:
         need(self.name != "algorithmic" or self.eval_docs <= ALGORITHMIC_EVAL_PROGRAMS, "eval_docs",
              f"the algorithmic task has {ALGORITHMIC_EVAL_PROGRAMS} validation and test programs, got {self.eval_docs}")
         need(self.eval_docs >= 0, "eval_docs", f"must be >= 0, got {self.eval_docs}")
-        for key in ("train_docs", "piece_len"):
-            need(getattr(self, key) >= 1, key, f"must be positive, got {getattr(self, key)}")
+        need(self.train_docs >= 1, "train_docs", f"must be positive, got {self.train_docs}")
+        need(self.piece_len >= 2, "piece_len", f"must be >= 2 (the start token and a token of text), got {self.piece_len}")
 
 
 @dataclass

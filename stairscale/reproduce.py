@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from stairscale import files
 from stairscale.errors import ConfigError, RunFailed
 from stairscale.train.scoring import score_run
 
@@ -235,9 +236,9 @@ def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0, compile
     run_all(configs, budget.parallel)
     report = score(out, budget)
     report["wall_seconds"] = time.time() - started
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    files.write_text(out / "report.json", json.dumps(report, indent=2))
     table = render(report)
-    (out / "table.md").write_text(table)
+    files.write_text(out / "table.md", table)
     print(table)
     return report
 

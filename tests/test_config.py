@@ -36,6 +36,7 @@ def test_overrides_are_typed():
         (["model.schedule=cached", "model.cache_len=16", "model.attn_lim=24", "model.positions=relative"], "model.attn_lim"),
         (["model.schedule=cached"], "model.cache_len"),
         (["model.schedule=transformer_xl"], "model.mem_len"),
+        (["model.repeats=3"], "model.repeats"),  # only the ladder repeats the core
         (["model.n_heads=3"], "model.n_heads"),
         (["train.grad_accum=3"], "train.grad_accum"),
         (["train.lr_schedule=linear"], "train.lr_schedule"),

@@ -19,7 +19,7 @@ import webdataset as wds
 
 from stairscale.config import DataConfig, RunConfig, TaskConfig, TrainConfig
 from stairscale.data.loader import LaneLoader, LoaderSpec
-from stairscale.data.prepare import check_prepared_for, content_hash, prepare_dataset
+from stairscale.data.prepare import check_prepared_for, content_hash, dataset_dir, prepare_dataset
 from stairscale.data.shards import MANIFEST, Dataset, Shard
 from stairscale.data.tasks import TextTask
 from stairscale.errors import DataError
@@ -423,6 +423,16 @@ def test_a_manifest_entry_without_a_field(copy):
         read_all(copy)
 
 
+def test_a_manifest_shard_without_documents(copy):
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["splits"]["valid"]["shards"].append({**manifest["splits"]["valid"]["shards"][0], "file": "valid/extra.tar",
+                                                  "documents": 0, "tokens": 0, "lengths": [], "tokens_at": [], "labels_at": None})
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    shard = len(manifest["splits"]["valid"]["shards"]) - 1
+    with pytest.raises(DataError, match=f"{MANIFEST}: split valid, shard {shard}: no documents"):
+        Dataset(copy).shards("valid")
+
+
 def test_label_outside_the_vocabulary_in_the_one_pass_reader(tmp_path):
     root = tmp_path / "walks"
     task = TaskConfig(train_lengths=[12], eval_length=12, train_docs=40, eval_docs=8)
@@ -557,9 +567,9 @@ def test_bpe_reads_utf8_and_names_a_document_that_is_not(tmp_path):
     manifest = prepare_dataset(RunConfig(task=task, train=TrainConfig(lanes=8)), tmp_path / "ok")
     assert manifest["splits"]["train"]["documents"] >= 8 and manifest["splits"]["valid"]["documents"] == 1  # a piece per training lane
     corpus.write_bytes(b"text, then a byte that is not UTF-8: \xff, then more text" * 20)
-    with pytest.raises(DataError, match=f"{corpus}, the train split: not UTF-8 text at byte 37"):
+    with pytest.raises(DataError, match=f"{corpus}, the train split: not UTF-8 text at file byte 37"):
         prepare_dataset(RunConfig(task=task), tmp_path / "bad")
-    with pytest.raises(DataError, match=f"{corpus}: not UTF-8 text at byte 37"):  # the one file as one document
+    with pytest.raises(DataError, match=f"{corpus}: not UTF-8 text at file byte 37"):  # the one file as one document
         prepare_dataset(RunConfig(task=dataclasses.replace(task, format="files")), tmp_path / "bad_file")
     # In a directory, the error names the file.
     folder = tmp_path / "folder"
@@ -572,5 +582,42 @@ def test_bpe_reads_utf8_and_names_a_document_that_is_not(tmp_path):
         (folder / f"{i:02d}.txt").write_text(f"plain text {i} " * 20)
     latin = next(f"{i:02d}.txt" for i in range(40) if TextTask._split_of(f"{i:02d}.txt") == "train")
     (folder / latin).write_bytes("caf\xe9 in Latin-1".encode("latin-1"))
-    with pytest.raises(DataError, match=f"{folder / latin}: not UTF-8 text at byte 3"):
+    with pytest.raises(DataError, match=f"{folder / latin}: not UTF-8 text at file byte 3"):
         prepare_dataset(RunConfig(task=dataclasses.replace(task, path=str(folder))), tmp_path / "bad_folder")
+
+
+def test_one_text_is_cut_into_a_piece_per_lane_of_near_equal_lengths(tmp_path):
+    """Fewer pieces than lanes: exactly one piece per lane, so no lane's epoch is twice as long;
+    pieces of piece_len tokens count their start token; too little text for the lanes is refused."""
+    corpus = tmp_path / "book.txt"
+    corpus.write_bytes(bytes(range(32, 127)) * 11)  # 1,045 bytes, 940 in the train split
+    task = TaskConfig(name="text", path=str(corpus))
+    prepare_dataset(RunConfig(task=task, train=TrainConfig(lanes=64)), tmp_path / "lanes")
+    lengths = [len(doc.tokens) for doc in Dataset(tmp_path / "lanes").documents("train")]
+    assert len(lengths) == 64 and max(lengths) - min(lengths) <= 1 and sum(lengths) == 940 + 64
+    prepare_dataset(RunConfig(task=dataclasses.replace(task, piece_len=100), train=TrainConfig(lanes=1)), tmp_path / "pieces")
+    lengths = [len(doc.tokens) for doc in Dataset(tmp_path / "pieces").documents("train")]
+    assert len(lengths) == 10 and max(lengths) <= 100 and sum(lengths) - len(lengths) == 940  # 940 = 10 * 94
+    corpus.write_bytes(b"x" * 60)
+    with pytest.raises(DataError, match="the train split has 54 tokens .* fewer than train.lanes 64"):
+        prepare_dataset(RunConfig(task=task, train=TrainConfig(lanes=64)), tmp_path / "few")
+
+
+def test_bpe_drops_a_cut_character_only_where_the_splits_meet(tmp_path):
+    """Bytes of a character cut at a split boundary are dropped; bad bytes at the file's own start
+    or end are an error, and an error names the byte's place in the file."""
+    corpus = tmp_path / "book.txt"
+    task = TaskConfig(name="text", path=str(corpus), tokenizer="bpe", bpe_vocab=300)
+    corpus.write_bytes(b"plain text " * 100 + "\u20ac".encode()[:2])  # the file ends inside a character
+    with pytest.raises(DataError, match=f"{corpus}, the test split: not UTF-8 text at file byte 1100"):
+        prepare_dataset(RunConfig(task=task), tmp_path / "end")
+    corpus.write_bytes(b"plain text " * 93 + b"\xff" + b"plain text " * 7)  # byte 1,023: in the valid split
+    with pytest.raises(DataError, match=f"{corpus}, the valid split: not UTF-8 text at file byte 1023"):
+        prepare_dataset(RunConfig(task=task), tmp_path / "valid")
+
+
+def test_data_dir_may_start_at_the_home_directory(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(dataset.parent))
+    cfg = RunConfig(task=TaskConfig(name="text", path=json.loads((dataset / MANIFEST).read_text())["source"]["path"]),
+                    data=DataConfig(dir=f"~/{dataset.name}"))
+    assert dataset_dir(cfg) == dataset

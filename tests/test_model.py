@@ -58,6 +58,7 @@ def test_segmentation_invariance(name, positions):
     tokens, starts = stream()
     starts[1, 20] = True  # a second document in lane 1, chunk aligned
     whole = run_segments(model, tokens, starts, [48])
+    assert whole.dtype == torch.float64  # compared in float64, not rounded to float32
     for lengths in ([8] * 6, [4] * 12, [16, 4, 8, 12, 8], [4, 4, 32, 8], [24, 24]):
         split = run_segments(model, tokens, starts, lengths)
         assert (split - whole).abs().max() < TOL, lengths
@@ -163,8 +164,15 @@ def reference_layer(layer, cfg, table, x, context, positions):
     (q.k + q.p[attn_lim - 1 - d]) / sqrt(head_dim) for 0 <= d < attn_lim; RoPE with base 10000 on
     the two halves of each head; one LayerNorm for queries and keys/values."""
     heads, head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
-    normed = layer.norm1(torch.cat([context, x]))
-    q, k, v = (proj(rows).view(len(rows), heads, head_dim) for proj, rows in
+
+    def layer_norm(rows, norm):  # eps 1e-5
+        return torch.nn.functional.layer_norm(rows, rows.shape[-1:], norm.weight, norm.bias, eps=1e-5)
+
+    def linear(rows, proj, bias):  # q, k, v, o have no bias; the FFN's have
+        return torch.nn.functional.linear(rows, proj.weight, proj.bias if bias else None)
+
+    normed = layer_norm(torch.cat([context, x]), layer.norm1)
+    q, k, v = (linear(rows, proj, bias=False).view(len(rows), heads, head_dim) for proj, rows in
                ((layer.attn.q, normed[len(context):]), (layer.attn.k, normed), (layer.attn.v, normed)))
     query_positions = positions[len(context):]
     if cfg.positions == "rope":
@@ -184,8 +192,8 @@ def reference_layer(layer, cfg, table, x, context, positions):
                     score = score + (q[i] * table[:, cfg.attn_lim - 1 - d]).sum(-1)
                 scores[:, i, j] = score / head_dim**0.5
     attended = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(len(x), -1)
-    h = x + layer.attn.o(attended)
-    return h + layer.ffn.fc2(torch.relu(layer.ffn.fc1(layer.norm2(h))))
+    h = x + linear(attended, layer.attn.o, bias=False)
+    return h + linear(torch.relu(linear(layer_norm(h, layer.norm2), layer.ffn.fc1, bias=True)), layer.ffn.fc2, bias=True)
 
 
 @pytest.mark.parametrize("positions", ["relative", "rope"])
@@ -297,6 +305,18 @@ def test_state_dict_round_trip():
     b, _ = model.logprobs(tokens, starts * False, restored)
     assert torch.equal(a, b)
     assert set(state.rows) == {"step0", "cache"}
+
+
+def test_a_state_or_segment_the_model_cannot_read_is_refused():
+    """A state carried by a model of another depth, or a segment that is not whole chunks, is an
+    error, not a silent misreading (every layer reading layer 0's rows; a dropped tail)."""
+    tokens, starts = stream(length=16)
+    _, state = make_model(**STATEFUL["staircase_n2"]).logprobs(tokens, starts, RecurrentState.initial(3))
+    deeper = StaircaseLM(ModelConfig(**{**STATEFUL["staircase_n2"], "d_model": 16, "n_layers": 3, "n_heads": 2, "d_ff": 32}), VOCAB, PAD).double()
+    with pytest.raises(ValueError, match="carried rows hold 2 layers, the core has 3"):
+        deeper.logprobs(tokens, starts * False, state)
+    with pytest.raises(ValueError, match="a segment of 10 tokens is not a whole number of chunks of 4"):
+        make_model(**STATEFUL["staircase_n2"]).logprobs(tokens[:, :10], starts[:, :10], RecurrentState.initial(3))
 
 
 def test_scores_are_the_targets_negative_log_likelihood_and_the_argmax():

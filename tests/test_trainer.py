@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -520,3 +521,30 @@ def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_last_checkpoint(
         save_checkpoint(tmp_path, {"model": {"w": torch.zeros(100_000)}})
     assert not (tmp_path / "checkpoint.pt.tmp").is_symlink()
     assert torch.equal(load_checkpoint(tmp_path)["model"]["w"], torch.ones(4))
+
+
+def test_scoring_refuses_data_other_than_the_runs(tmp_path, tiny):
+    """A run is scored on the data it was trained and scored on: a corpus changed since (its
+    cached dataset is prepared anew) or another vocabulary is refused, naming the dataset or the
+    checkpoint; data chosen with --set keys is scored as asked."""
+    corpus = tmp_path / "book.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(300)))
+    cfg = tiny(tmp_path, "train.steps=2", "task.name=text", f"task.path={corpus}")
+    trainer = Trainer(cfg, quiet=True)
+    trained = trainer.train()["test"]
+    run = str(tmp_path / "run")
+    assert evaluate_run(run, "test")["loss"] == pytest.approx(trained["loss"], rel=1e-9)
+    corpus.write_text(corpus.read_text().replace("fox", "cat"))  # the same size: only the content changed
+    with pytest.raises(DataError, match="its test split is not the one the run of .*checkpoint.pt was scored on"):
+        evaluate_run(run, "test")
+    changed = load_config(Path(run) / "config.yaml")
+    from stairscale.data.prepare import dataset_dir
+
+    assert evaluate_run(run, "test", [f"data.dir={dataset_dir(changed)}"])["loss"] != trained["loss"]  # asked for
+    other_vocab = tmp_path / "other_vocab"
+    shutil.copytree(trainer.data_root, other_vocab)
+    manifest = json.loads((other_vocab / "manifest.json").read_text())
+    manifest["vocab"]["tokens"][:2] = manifest["vocab"]["tokens"][1::-1]  # two token ids swapped
+    (other_vocab / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint.pt was trained with another vocabulary"):
+        evaluate_run(run, "test", [f"data.dir={other_vocab}"])

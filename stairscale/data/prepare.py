@@ -58,25 +58,33 @@ def _walks(task: RandomWalkTask, cfg: TaskConfig, length: int) -> Iterator[Docum
         yield task.document(int(rng.integers(shortest, length + 1)), rng)
 
 
+TEXT_CUT = 2  # the version of text_pieces' cutting: a new one names new cached datasets
+
+
 def text_pieces(documents: list[Document], piece_len: int, lanes: int, bos_id: int) -> list[Document]:
-    """Texts cut into pieces of at most `piece_len` tokens; where that leaves fewer pieces than
-    lanes, into shorter ones, at least one per lane (one text file fills every training lane)."""
-    pieces = list(_pieces(documents, piece_len, bos_id))
-    if len(pieces) < lanes:
-        tokens = sum(len(doc.tokens) - 1 for doc in documents)
-        pieces = list(_pieces(documents, max(1, tokens // lanes), bos_id))
-    return pieces
+    """Texts cut into pieces of at most `piece_len` tokens, the start token included; where that
+    leaves fewer pieces than lanes, into exactly `lanes` pieces of near-equal lengths (one text
+    file fills every training lane, and every lane's pieces last about as long)."""
+    pieces = [piece for doc in documents for piece in _cut(doc, -(-(len(doc.tokens) - 1) // (piece_len - 1)), bos_id)]
+    if len(pieces) >= lanes:
+        return pieces
+    bodies = [len(doc.tokens) - 1 for doc in documents]
+    if sum(bodies) < lanes:
+        raise DataError(f"the train split has {sum(bodies)} tokens after its start tokens, fewer than train.lanes "
+                        f"{lanes}: every lane needs a piece of text; use a larger corpus or fewer lanes")
+    parts = [1] * len(documents)
+    for _ in range(lanes - len(documents)):  # one more part to the text with the longest parts
+        longest = max(range(len(documents)), key=lambda i: bodies[i] / parts[i])
+        parts[longest] += 1
+    return [piece for doc, count in zip(documents, parts) for piece in _cut(doc, count, bos_id)]
 
 
-def _pieces(documents: list[Document], piece_len: int, bos_id: int) -> Iterator[Document]:
-    """Cut long texts (enwik8 is one) into contiguous pieces, each with its own start token."""
-    for doc in documents:
-        body = doc.tokens[1:]
-        if len(body) <= piece_len:
-            yield doc
-            continue
-        for start in range(0, len(body), piece_len):
-            yield Document(np.concatenate([np.array([bos_id], dtype=body.dtype), body[start : start + piece_len]]))
+def _cut(doc: Document, parts: int, bos_id: int) -> list[Document]:
+    """A text cut into `parts` contiguous pieces of near-equal lengths, each with its own start token."""
+    if parts <= 1:
+        return [doc]
+    start = np.array([bos_id], dtype=doc.tokens.dtype)
+    return [Document(np.concatenate([start, body]), None, doc.source) for body in np.array_split(doc.tokens[1:], parts)]
 
 
 def shards_per_split(cfg: RunConfig) -> int:
@@ -106,18 +114,19 @@ def prepare_dataset(cfg: RunConfig, out_dir: str | Path, replace: bool = False) 
                          shards_per_split(cfg), dataclasses.asdict(cfg.task), files, replace)
 
 
-def _text(doc: Document, cut_by_bytes: bool) -> str:
-    """The document as UTF-8 text; invalid bytes are an error. A split cut by bytes (one file,
-    enwik8) may cut a character at its two ends: those at most 3 bytes at each end are dropped."""
+def _text(doc: Document, cut_start: bool = False, cut_end: bool = False) -> str:
+    """The document as UTF-8 text; invalid bytes are an error. A split cut by bytes from one file
+    (enwik8) may cut a character where it meets the next split: at such a cut (`cut_start`,
+    `cut_end`) the at most 3 bytes of the cut character are dropped."""
     data = doc.tokens[1:].astype(np.uint8).tobytes()
     start = 0
-    while cut_by_bytes and start < min(3, len(data)) and data[start] & 0xC0 == 0x80:  # the tail of a cut character
+    while cut_start and start < min(3, len(data)) and data[start] & 0xC0 == 0x80:  # the tail of a cut character
         start += 1
     try:
-        return codecs.getincrementaldecoder("utf-8")().decode(data[start:], final=not cut_by_bytes)
+        return codecs.getincrementaldecoder("utf-8")().decode(data[start:], final=not cut_end)
     except UnicodeDecodeError as err:
-        raise DataError(f"{doc.source}: not UTF-8 text at byte {start + err.start}; the BPE tokenizer needs UTF-8 "
-                        "(task.tokenizer=bytes reads any bytes)") from err
+        raise DataError(f"{doc.source}: not UTF-8 text at file byte {doc.offset + start + err.start}; the BPE tokenizer "
+                        "needs UTF-8 (task.tokenizer=bytes reads any bytes)") from err
 
 
 def _parts(text: str, part: int = 1 << 20) -> Iterator[str]:
@@ -141,7 +150,8 @@ def bpe_encode(splits: dict[str, list[Document]], vocab_size: int, cut_by_bytes:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = {name: [_text(doc, cut_by_bytes) for doc in docs] for name, docs in splits.items()}
+    cuts = {"train": (False, True), "valid": (True, True), "test": (True, False)} if cut_by_bytes else {}
+    texts = {name: [_text(doc, *cuts.get(name, (False, False))) for doc in docs] for name, docs in splits.items()}
     tokenizer.train_from_iterator((part for text in texts["train"] for part in _parts(text)), trainer=trainer)
     tokenizer.encode_special_tokens = True  # "<pad>" in the text is text, not the pad token
     vocab = Vocab(tuple(sorted(tokenizer.get_vocab(), key=tokenizer.token_to_id)), tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("<bos>"))
@@ -159,6 +169,7 @@ def content_hash(cfg: RunConfig) -> str:
     if cfg.task.name == "text":  # the same config over a changed corpus makes another dataset
         content["source"] = build_task(cfg.task).fingerprint()
         content["lanes"] = cfg.train.lanes  # a split with fewer texts than lanes is cut into one piece per lane
+        content["cut"] = TEXT_CUT  # how text_pieces cuts
     if cfg.task.tokenizer == "bpe":  # another version of `tokenizers` may learn another vocabulary
         import tokenizers
 
@@ -186,8 +197,9 @@ def _to_stderr(message: str) -> None:
 def dataset_dir(cfg: RunConfig, log=_to_stderr) -> Path:
     """The run's dataset: `data.dir`, or the task's cached dataset, prepared on first use."""
     if cfg.data.dir:
-        check_prepared_for(Path(cfg.data.dir), cfg.task)
-        return Path(cfg.data.dir)
+        root = Path(cfg.data.dir).expanduser()
+        check_prepared_for(root, cfg.task)
+        return root
     check_writable_dir(Path(cfg.data.cache).expanduser(), "data.cache")
     path = Path(cfg.data.cache).expanduser() / f"{cfg.task.name}-{content_hash(cfg)}"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ import webdataset as wds
 
 from stairscale.data.tasks import IGNORE, Document, Vocab, label_dtype, token_dtype
 from stairscale.errors import DataError
+from stairscale.files import sync
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"  # text with a trained tokenizer (task.tokenizer=bpe)
@@ -54,6 +55,8 @@ def write_dataset(
         try:
             tmp.mkdir()
             manifest = _write_splits(tmp, vocab, labelled, splits, shard_docs, shards, source, files)
+            for path in [*tmp.rglob("*"), tmp]:  # on disk before it is put in place
+                sync(path)
             _put_in_place(tmp, out_dir)
         finally:  # (once in place there is nothing left to remove)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -74,6 +77,7 @@ def _put_in_place(tmp: Path, out_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         raise DataError(f"dataset {out_dir} could not be put in place, another process may have written it at the same "
                         f"time: {err}{kept}") from err
+    sync(out_dir.parent)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -254,9 +258,13 @@ class Dataset:
     @property
     def fingerprint(self) -> str:
         """Identifies the data: the hash of all shard checksums."""
+        return self.fingerprint_of(sorted(self.splits))
+
+    def fingerprint_of(self, splits: list[str]) -> str:
+        """Identifies these splits' data: the hash of their shard checksums."""
         digest = hashlib.sha256()
         with _manifest_entry(self.root / MANIFEST):
-            for split in sorted(self.splits):
+            for split in splits:
                 for shard in self.splits[split]["shards"]:
                     digest.update(shard["sha256"].encode())
         return digest.hexdigest()[:16]
@@ -401,6 +409,8 @@ def _outside(ids: np.ndarray, vocab_size: int, ignore_label_ok: bool) -> np.ndar
 
 def _check_entry(shard: Shard, where: str) -> None:
     """A shard's manifest entry agrees with itself (an edited manifest could else drop documents)."""
+    if shard.documents < 1:
+        raise DataError(f"{where}: no documents (a shard holds at least one)")
     listed = {"lengths": shard.lengths, "tokens_at": shard.tokens_at, "labels_at": shard.labels_at}
     for key, values in listed.items():
         if values is not None and len(values) != shard.documents:

@@ -14,12 +14,16 @@ Language modelling documents have ``labels=None`` (targets are the next tokens).
 
 Randomness: every split draws from its own ``np.random.Generator`` seeded with
 ``np.random.SeedSequence([seed, split_index])`` (train 0, valid 1, test 2), so documents are
-deterministic in ``(seed, split)`` and the splits use disjoint streams.
+deterministic in ``(seed, split)`` and the splits use disjoint streams. The random walk's
+prepared training splits are the exception: ``prepare._walks`` draws walks of random lengths
+from ``default_rng([seed, 0, length])``, one stream per curriculum length.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -50,6 +54,11 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def digest(self) -> str:
+        """Identifies the vocabulary: weights trained with one read other ids as other tokens."""
+        return hashlib.sha256(json.dumps([self.tokens, self.pad_id, self.bos_id]).encode()).hexdigest()[:16]
+
     def decode(self, ids) -> list[str]:
         return [self.tokens[int(i)] for i in ids]
 
@@ -65,6 +74,7 @@ class Document:
     tokens: np.ndarray
     labels: np.ndarray | None = None
     source: str = ""  # where it comes from, for errors (text corpora)
+    offset: int = 0  # where its first token's byte is in that file (text cut by bytes)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -389,11 +399,11 @@ class TextTask:
 
     # -- helpers
 
-    def _document(self, data: np.ndarray, source: str) -> Document:
+    def _document(self, data: np.ndarray, source: str, offset: int = 0) -> Document:
         tokens = np.empty(len(data) + 1, dtype=np.uint16)
         tokens[0] = self.vocab.bos_id
         tokens[1:] = data
-        return Document(tokens, None, source)
+        return Document(tokens, None, source, offset)
 
     def _byte_range(self, split: str) -> Document:
         size = os.path.getsize(self.path)
@@ -407,7 +417,7 @@ class TextTask:
         i = split_index(split)
         # np.memmap refuses empty files; an empty file gives three BOS-only documents.
         data = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-        return self._document(data[bounds[i]:bounds[i + 1]], f"{self.path}, the {split} split")
+        return self._document(data[bounds[i]:bounds[i + 1]], f"{self.path}, the {split} split", bounds[i])
 
     def _list_files(self) -> list[str]:
         """Relative posix paths of the files under ``path``, sorted. Hidden files and directories

@@ -182,6 +182,9 @@ class Core(nn.Module):
         k_doc = doc if context is None else torch.cat([context.doc, doc], dim=1)
         relative = None if self.relative is None else self.read_by_every_head(self.relative)
         geometry = attention_geometry(self.cfg, pos, doc, k_pos, k_doc, relative)
+        if context is not None and context.h.shape[0] not in (1, len(self.layers)):
+            raise ValueError(f"carried rows hold {context.h.shape[0]} layers, the core has {len(self.layers)} "
+                             "(a state from another model?)")
         inputs = []
         for index, layer in enumerate(self.layers.values()):
             inputs.append(x)

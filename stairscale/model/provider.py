@@ -30,7 +30,8 @@ class OutputHead(nn.Module):
         self.proj = nn.Linear(d_model, vocab_size, bias=True)
 
     def logprobs(self, h: Tensor) -> Tensor:
-        return torch.log_softmax(self.proj(self.norm(h)).float(), dim=-1)
+        logits = self.proj(self.norm(h))
+        return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # bf16 up, fp64 kept
 
     def forward(self, h: Tensor, targets: Tensor) -> Scores:
         logprobs = self.logprobs(h)

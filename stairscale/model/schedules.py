@@ -49,7 +49,9 @@ class StaircaseSchedule:
     new chunk s as embeddings, older chunks as their top outputs from step s-1. Steps K .. K+n-2
     are drain steps with no new chunk. Rows from before the segment are not recomputed: for its
     first n-1 steps the segment reads them from the carried "step{s}" rows, which hold exactly the
-    per-layer key/value context those rows had in the previous segment's drain step s.
+    per-layer key/value context those rows had in the previous segment's drain step K'+s (K' its
+    chunk count). Cached and Global Cached run the same code: what differs is how long a cache
+    their configs ask for (docs/model.md).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -72,6 +74,8 @@ class StaircaseSchedule:
 
     def steps(self, x: Tensor, pos: Tensor, doc: Tensor, carried: dict[str, Rows]) -> Steps:
         F, n = self.chunk, self.window
+        if x.shape[1] % F:
+            raise ValueError(f"a segment of {x.shape[1]} tokens is not a whole number of chunks of {F}")
         K = x.shape[1] // F
         cache = carried.get("cache")
         finals, carry_out = [], {}

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 
 from stairscale.config import RunConfig, load_config
 from stairscale.errors import CheckpointError, ConfigError
+from stairscale.files import put_in_place
 
 CHECKPOINT = "checkpoint.pt"  # the weights at the end of the run
 BEST = "best.pt"  # train.keep_best: the weights of the best validation
@@ -25,9 +25,7 @@ def save_checkpoint(run_dir: str | Path, payload: dict, name: str = CHECKPOINT) 
     tmp = path.with_suffix(".pt.tmp")
     try:
         torch.save({**payload, "model_sha256": weights_digest(payload["model"])}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        put_in_place(tmp, path)
     except (OSError, RuntimeError) as err:  # a full disk, say (torch.save raises RuntimeError)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import yaml
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
+from stairscale import files
 from stairscale.config import RunConfig, check_writable_dir
 from stairscale.data.lanes import Batch
 from stairscale.data.loader import LaneLoader, LoaderSpec, check_a_shard_per_lane
@@ -68,26 +69,31 @@ def make_loader(cfg: RunConfig, root, split: str, training: bool, layout: Layout
 
 
 def check_splits(dataset: Dataset, cfg: RunConfig) -> None:
-    """Every split the run reads is there, holds something to predict, and, for training, a shard
-    per lane; the evaluation splits (small) are read whole and checked against their sha256: fail
-    now, not at the first validation or after training."""
-    training = [train_split(cfg.task, i) for i in range(cfg.task.stages)]
-    for split in [*training, "valid", "test"]:
-        shards = dataset.shards(split)
-        if not shards:
-            raise DataError(f"dataset {dataset.root}: split {split} has no documents; a run trains on its train "
-                            "split(s) and is scored on valid and test")
-        if not dataset.labelled and sum(s.tokens - s.documents for s in shards) == 0:
-            raise DataError(f"dataset {dataset.root}: split {split} has nothing to predict (its documents "
-                            "hold only their start token)")
-        if split in training:
-            check_a_shard_per_lane(str(dataset.root), split, shards, cfg.train.lanes)
-        missing = [str(s.path) for s in shards if not s.path.is_file()]
-        if missing:
-            raise DataError(f"dataset {dataset.root}: split {split} lacks {len(missing)} of its shards ({missing[0]}, ...); "
-                            "prepare the dataset again")
+    """Every split the run reads is there and holds something to predict, and each training split
+    a shard per lane; the evaluation splits (small) are read whole and checked against their
+    sha256: fail now, not at the first validation or after training."""
+    for index in range(cfg.task.stages):
+        check_split(dataset, train_split(cfg.task, index), cfg.train.lanes)
     for split in ("valid", "test"):
+        check_split(dataset, split)
         dataset.check_checksums(split)
+
+
+def check_split(dataset: Dataset, split: str, lanes: int = 0) -> None:
+    """The split is there, has something to predict and (`lanes`: a training split) a shard per lane."""
+    shards = dataset.shards(split)
+    if not shards:
+        raise DataError(f"dataset {dataset.root}: split {split} has no documents; a run trains on its train "
+                        "split(s) and is scored on valid and test")
+    if not dataset.labelled and sum(s.tokens - s.documents for s in shards) == 0:
+        raise DataError(f"dataset {dataset.root}: split {split} has nothing to predict (its documents "
+                        "hold only their start token)")
+    if lanes:
+        check_a_shard_per_lane(str(dataset.root), split, shards, lanes)
+    missing = [str(s.path) for s in shards if not s.path.is_file()]
+    if missing:
+        raise DataError(f"dataset {dataset.root}: split {split} lacks {len(missing)} of its shards ({missing[0]}, ...); "
+                        "prepare the dataset again")
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -194,8 +200,8 @@ class Trainer:
 
     def _open_run_dir(self) -> SummaryWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        (self.run_dir / "layout.json").write_text(json.dumps(dataclasses.asdict(self.layout), indent=2))
+        files.write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        files.write_text(self.run_dir / "layout.json", json.dumps(dataclasses.asdict(self.layout), indent=2))
         board = self.run_dir / "tensorboard"
         earlier = sorted(board.glob("events.out.tfevents.*"))
         if earlier:  # a run started here before: its curves move aside, as a run of their own
@@ -352,7 +358,7 @@ class Trainer:
         results["steps"] = self.history
         self.log(f"test: {headline(results['test'])} (loss {results['test']['loss']:.4f})")
         if self.layout.reports:
-            (self.run_dir / RESULTS).write_text(json.dumps(results, indent=2))
+            files.write_text(self.run_dir / RESULTS, json.dumps(results, indent=2))
         return results
 
     def _save(self, name: str, step: int) -> None:
@@ -362,7 +368,9 @@ class Trainer:
         if not all(bool(w.isfinite().all()) for w in weights.values() if w.is_floating_point()):  # (the same on every rank)
             self._diverged(f"by step {step}")
         if self.layout.reports:
-            save_checkpoint(self.run_dir, {"model": weights, "step": step, "layout": dataclasses.asdict(self.layout)}, name)
+            # What the weights were trained and scored on: scoring them later checks the data is the same.
+            data = {"vocab": self.dataset.vocab.digest, **{split: self.dataset.fingerprint_of([split]) for split in ("valid", "test")}}
+            save_checkpoint(self.run_dir, {"model": weights, "step": step, "layout": dataclasses.asdict(self.layout), "data": data}, name)
 
     def _test_results(self, test: Tally) -> dict:
         results = {"test": test.summary()}

@@ -1,0 +1,33 @@
+"""Durable writes: a file or folder put in place by `os.replace` survives a power cut only once
+its bytes, and the folder that names it, are on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def sync(path: str | Path) -> None:
+    """Flush a file's bytes, or a folder's list of names, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def put_in_place(tmp: str | Path, path: str | Path) -> None:
+    """Rename a written file over `path`: a reader finds the old file or the whole new one."""
+    sync(tmp)
+    os.replace(tmp, path)
+    sync(Path(path).parent)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """`path.write_text(text)`, but never half-written (a stop or a full disk mid-write)."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        tmp.write_text(text)
+        put_in_place(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
