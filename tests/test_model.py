@@ -347,9 +347,9 @@ def test_initialisation_is_the_authors():
     """N(0, 1) embedding; the output projections of attention (wo) and of the FFN (fc2, and its
     bias) are PyTorch's default Linear init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) divided by sqrt(2L);
     the other projections keep that default. Stds from a model large enough to estimate them to a
-    few percent."""
+    few percent. The relative table is N(0, 1/head_dim); the head keeps the default init."""
     layers = 4
-    cfg = ModelConfig(d_model=256, n_layers=layers, n_heads=4, d_ff=1024)
+    cfg = ModelConfig(d_model=256, n_layers=layers, n_heads=4, d_ff=1024, positions="relative", attn_lim=256)
     torch.manual_seed(0)
     model = StaircaseLM(cfg, 300, PAD)
     uniform = lambda fan_in: 1 / (3 * fan_in) ** 0.5  # std of U(-b, b) with b = 1/sqrt(fan_in)
@@ -365,6 +365,8 @@ def test_initialisation_is_the_authors():
         assert layer.ffn.fc2.weight.std().item() == pytest.approx(uniform(1024) * scaled, rel=0.03)
         assert layer.ffn.fc2.bias.std().item() == pytest.approx(uniform(1024) * scaled, rel=0.15)
         assert layer.ffn.fc2.bias.abs().max().item() <= 1024**-0.5 * scaled
+    assert abs(model.core.relative.mean().item()) < 0.01 and model.core.relative.std().item() == pytest.approx(64**-0.5, rel=0.03)
+    assert model.head.proj.weight.std().item() == pytest.approx(uniform(256), rel=0.03)
 
 
 class HostReads(TorchDispatchMode):

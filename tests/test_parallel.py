@@ -72,9 +72,9 @@ def single(config, tmp_path_factory):
 
 
 def read_run(run_dir: Path):
-    """(loss and gradient norm of each step, final weights)"""
-    steps = json.loads((run_dir / "results.json").read_text())["steps"]
-    return steps, torch.load(run_dir / "checkpoint.pt")["model"]
+    """(loss and gradient norm of each step, final weights, test loss)"""
+    results = json.loads((run_dir / "results.json").read_text())
+    return results["steps"], torch.load(run_dir / "checkpoint.pt")["model"], results["test"]["loss"]
 
 
 def env():
@@ -118,12 +118,34 @@ def assert_layout_applied(run_dir: Path, ranks: int, cfg) -> None:
         under_deepspeed = ranks > 1 or p.zero_stage > 0  # as train/engine.py's build_engine decides
         assert (master is not None) == under_deepspeed, master
         if under_deepspeed:  # ZeRO 1-3 partition the fp32 master weights and optimizer state
+            assert record["zero_stage"] == p.zero_stage, record["zero_stage"]
             assert_holds_share(master, model, dp if p.zero_stage >= 1 else 1, "master weights")
-        q = [shape for name, shape in record["shapes"].items() if name.endswith("attn.q.weight")]
-        assert q and all(shape[0] == cfg.model.d_model // p.tensor for shape in q), q
+        assert_tensor_shards(record["shapes"], record["full_shapes"], p.tensor)
     if p.pipeline > 1:
         layers = [{name.split(".")[2] for name in r["shapes"] if name.startswith("core.layers.")} for r in records]
         assert all(len(held) == cfg.model.n_layers // p.pipeline for held in layers), layers
+        stages = [r["layout"]["pp_rank"] for r in records]
+        for record, stage in zip(records, stages):  # the embedding on the first stage, the head on the last
+            assert ("embed.weight" in record["shapes"]) == (stage == 0)
+            assert ("head.proj.weight" in record["shapes"]) == (stage == p.pipeline - 1)
+
+
+# Under tensor parallelism, the dimension each sharded parameter is split along (column-parallel
+# linears and the vocabulary split their outputs, row-parallel linears their inputs).
+SPLIT_DIM = {"attn.q.weight": 0, "attn.k.weight": 0, "attn.v.weight": 0, "ffn.fc1.weight": 0, "ffn.fc1.bias": 0,
+             "attn.o.weight": 1, "ffn.fc2.weight": 1, "embed.weight": 0, "head.proj.weight": 0, "head.proj.bias": 0}
+
+
+def assert_tensor_shards(shapes: dict, full_shapes: dict, tp: int) -> None:
+    """Every parameter a rank holds has the single-device shape, but 1/tp of it along its split
+    dimension (the vocabulary padded to a multiple of tp) for the ones tensor parallelism splits."""
+    assert shapes and set(shapes) <= set(full_shapes)
+    for name, shape in shapes.items():
+        expected = list(full_shapes[name])
+        dim = next((d for suffix, d in SPLIT_DIM.items() if name.endswith(suffix)), None)
+        if tp > 1 and dim is not None:
+            expected[dim] = -(-expected[dim] // tp)
+        assert shape == expected, f"{name}: holds {shape}, expected {expected} under tensor={tp}"
 
 
 def assert_holds_share(held: int, model: int, parts: int, what: str) -> None:
@@ -132,7 +154,7 @@ def assert_holds_share(held: int, model: int, parts: int, what: str) -> None:
 
 
 def assert_same_training(got, want, label: str) -> None:
-    (steps, weights), (want_steps, want_weights) = got, want
+    (steps, weights, test_loss), (want_steps, want_weights, want_test_loss) = got, want
     assert len(steps) == len(want_steps) == 5
     for step, (a, b) in enumerate(zip(steps, want_steps)):
         assert abs(a["loss"] - b["loss"]) <= TOL * b["loss"], f"{label}: step {step + 1} loss {a['loss']} vs {b['loss']}"
@@ -145,6 +167,7 @@ def assert_same_training(got, want, label: str) -> None:
     for name, want_tensor in want_weights.items():
         error = float((weights[name] - want_tensor).norm() / want_tensor.norm())
         assert error <= TOL, f"{label}: {name} differs by {error:.2e} (relative)"
+    assert abs(test_loss - want_test_loss) <= TOL * want_test_loss, f"{label}: test loss {test_loss} vs {want_test_loss}"
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
@@ -363,8 +386,11 @@ def test_pipeline_benchmark_compares_micro_batch_counts(config, tmp_path):
 
 
 def test_unsupported_layouts_are_refused_with_the_reason(config):
-    with pytest.raises(ConfigError, match="parallel.zero_stage: ZeRO-2 .* pipeline"):
-        load_config(config, ["parallel.pipeline=2", "parallel.zero_stage=2"])
+    for stage in (2, 3):
+        with pytest.raises(ConfigError, match=f"parallel.zero_stage: ZeRO-{stage} .* pipeline"):
+            load_config(config, ["parallel.pipeline=2", f"parallel.zero_stage={stage}"])
+    with pytest.raises(ConfigError, match="parallel.tensor: 2 does not divide model.d_ff=33"):
+        load_config(config, ["parallel.tensor=2", "model.d_ff=33"])
     with pytest.raises(ConfigError, match="parallel.tensor: 3 does not divide model.n_heads=2"):
         load_config(config, ["parallel.tensor=3"])
     with pytest.raises(ConfigError, match="parallel.pipeline: 3 stages for model.n_layers=2"):

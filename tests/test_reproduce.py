@@ -99,11 +99,16 @@ def test_sigterm_stops_the_reproduction_and_every_run_it_started(tmp_path):
         if started == 2:
             break
     time.sleep(3)
+
+    def runs():
+        return [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and pid.name != str(parent.pid)
+                and str(out).encode() in _cmdline(pid)]
+
+    assert len(runs()) >= 2, "the two runs (and any loader workers) should be running when it is stopped"
     parent.send_signal(signal.SIGTERM)
     _, stderr = parent.communicate(timeout=120)
     assert parent.returncode == 143 and "stairscale: reproduce stopped by SIGTERM" in stderr, stderr[-3000:]
-    children = [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and str(out).encode() in _cmdline(pid)]
-    assert children == [], "runs left running after their reproduction stopped"
+    assert runs() == [], "runs left running after their reproduction stopped"
 
 
 def _cmdline(pid: Path) -> bytes:

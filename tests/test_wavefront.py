@@ -85,6 +85,14 @@ def replay_exchanges(stages, micro, steps, cached, backward):
 def test_exchanges_deliver_every_input_before_it_is_used(stages, micro, steps, cached):
     for backward in (False, True):
         replay_exchanges(stages, micro, steps, cached, backward)
+    # The replay checks transfers() against itself; the dependencies are what the math needs: every
+    # result an action needs from another stage arrives as one of its receives.
+    for action in (a for slot in schedule(stages, micro, steps).slots for a in slot if a is not None):
+        recvs = transfers(action, stages, steps, cached)[0]
+        for needed in dependencies(action, stages, steps):
+            if needed.stage != action.stage:
+                assert any(t.src == needed.stage and t.micro == needed.micro and t.step in (needed.step, action.step)
+                           for t in recvs), f"{action} never receives what {needed} computed"
 
 
 def test_top_rows_go_to_the_first_stage_and_with_a_cache_to_every_stage():

@@ -14,9 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from stairscale.config import load_config
+from stairscale.model.lm import StaircaseLM
 from stairscale.parallel.groups import shutdown
 from stairscale.train.trainer import Trainer
 
@@ -33,11 +35,15 @@ def train_and_record(trainer: Trainer, run_dir: Path) -> None:
     trainer.train()
     engine = getattr(trainer.engine, "deepspeed", None)
     params = list(trainer.model.parameters())
+    with torch.device("meta"):
+        full = StaircaseLM(trainer.cfg.model, *trainer.vocab)
     record = {
         "layout": dataclasses.asdict(trainer.layout),
         "lanes_per_batch": sorted(lanes),
         # ZeRO-3 partitions a parameter; ds_shape is its shape before that (after tensor sharding)
         "shapes": {name: list(getattr(p, "ds_shape", p.shape)) for name, p in trainer.model.named_parameters()},
+        "full_shapes": {name: list(p.shape) for name, p in full.named_parameters()},  # the single-device model's
+        "zero_stage": engine.zero_optimization_stage() if engine else None,
         "model_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         # What this rank stores: its partition of the parameters (ZeRO-3) and of the fp32 master
         # weights, whose partition is the partition of the optimizer state (ZeRO 1-3).
