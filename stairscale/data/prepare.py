@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -65,10 +66,10 @@ def text_pieces(documents: list[Document], piece_len: int, lanes: int, bos_id: i
     """Texts cut into pieces of at most `piece_len` tokens, the start token included; where that
     leaves fewer pieces than lanes, into exactly `lanes` pieces of near-equal lengths (one text
     file fills every training lane, and every lane's pieces last about as long)."""
-    pieces = [piece for doc in documents for piece in _cut(doc, -(-(len(doc.tokens) - 1) // (piece_len - 1)), bos_id)]
-    if len(pieces) >= lanes:
+    bodies = [len(doc.tokens) - 1 for doc in documents]  # the tokens after each text's start token
+    pieces = [piece for doc, body in zip(documents, bodies) for piece in _cut(doc, math.ceil(body / (piece_len - 1)), bos_id)]
+    if not documents or len(pieces) >= lanes:  # (an empty split is refused by the caller)
         return pieces
-    bodies = [len(doc.tokens) - 1 for doc in documents]
     if sum(bodies) < lanes:
         raise DataError(f"the train split has {sum(bodies)} tokens after its start tokens, fewer than train.lanes "
                         f"{lanes}: every lane needs a piece of text; use a larger corpus or fewer lanes")

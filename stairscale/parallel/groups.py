@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from stairscale.config import ParallelConfig, RunConfig
 from stairscale.errors import ConfigError, LaunchError
-from stairscale.parallel.launchers import free_port, launch_environment
+from stairscale.parallel.launchers import launch_environment
 
 
 DEFAULT_TIMEOUT_MINUTES = {"gloo": 30, "nccl": 10}  # torch's, for parallel.timeout_minutes 0
@@ -71,13 +71,14 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
     # megatron-core's tensor-parallel linears overlap their gradient all-reduce with compute when
     # CUDA runs kernels in launch order (its recommended setting; read before CUDA starts).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    if world == 1:  # ZeRO in one process: a store of its own
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if world == 1:  # ZeRO in one process: a store in memory, no port (a free one found first could be taken)
+        store, address = dist.HashStore(), "its own store"
     elif "MASTER_ADDR" not in os.environ:  # on another node, a default of 127.0.0.1 would wait for ranks that never come
         raise LaunchError(f"rank {rank} of {world} ({launcher}): MASTER_ADDR is not set: set it to the address of rank 0's host "
                           "(and MASTER_PORT, default 29500), or start the ranks with a launcher from launch/")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    else:
+        os.environ.setdefault("MASTER_PORT", "29500")
+        store, address = None, f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     # DeepSpeed needs LOCAL_RANK, and on a GPU takes it for the device index; a single process, or
     # RANK and WORLD_SIZE set by hand, lack it.
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -91,11 +92,10 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
         try:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout))
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout), store=store)
         except dist.DistError as err:  # a rank that never came, or an address nobody listens at
-            raise LaunchError(f"rank {rank} of {world} ({launcher}) could not join the others at "
-                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout:g} minutes "
-                              f"(parallel.timeout_minutes): {err}") from err
+            raise LaunchError(f"rank {rank} of {world} ({launcher}) could not join the others at {address} within "
+                              f"{timeout:g} minutes (parallel.timeout_minutes): {err}") from err
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
