@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("--steps-scale", type=positive(float), default=1.0, help="multiply every run's steps, stage boundaries and warm-up (slower/faster machines)")
     reproduce.add_argument("--fit-minutes", type=positive(float), help="measure the models' steps here and scale the runs to this many minutes")
     reproduce.add_argument("--compile", default="none", choices=COMPILE_MODES, help="train.compile of every run")
+    reproduce.add_argument("--seed", type=int, default=0, help="train.seed of every run (the results depend on it: docs/reproducing.md)")
 
     args = parser.parse_args(argv)
     try:
@@ -161,7 +162,7 @@ def reproduce_command(args: argparse.Namespace) -> None:
     scale = args.steps_scale
     if args.fit_minutes:
         scale = fit_steps_scale(QUICK if args.quick else FULL, Path(args.out), args.fit_minutes, args.compile)
-    reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale, compile=args.compile)
+    reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale, compile=args.compile, seed=args.seed)
 
 
 COMMANDS = {"train": train_command, "eval": eval_command, "prepare-data": prepare_data_command,

@@ -112,13 +112,14 @@ FULL = Budget(
 )
 
 
-def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: float = 1.0, compile: str = "none") -> dict:
+def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: float = 1.0, compile: str = "none",
+               seed: int = 0) -> dict:
     # fp32 on every device: the recipes were tuned in fp32, and these tiny models are bound by
     # operation count, to which bf16 autocast adds its casts (docs/benchmarks.md).
     # --steps-scale scales every step count of the recipe: steps, stage boundaries and warm-up.
     lanes = budget.walk_lanes if task == "random_walk" else budget.algo_lanes
     train = dict(lanes=lanes, segment_len=64, lr=2e-3, warmup_steps=max(1, round(200 * steps_scale)), grad_clip=0.25, lr_schedule="cosine",
-                 log_every=100, threads=budget.threads, device=budget.device, precision="fp32", compile=compile)
+                 log_every=100, threads=budget.threads, device=budget.device, precision="fp32", compile=compile, seed=seed)
     if task == "random_walk":
         steps = max(10, round(budget.walk_steps[model] * steps_scale))
         task_cfg = dict(name="random_walk", positions=8, train_lengths=budget.walk_lengths,
@@ -220,22 +221,23 @@ def _makespan(costs: list[float], parallel: int) -> float:
     return max(slots)
 
 
-def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0, compile: str = "none") -> dict:
+def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0, compile: str = "none", seed: int = 0) -> dict:
     """Train the three models on both tasks, score them, print and save the table.
     `steps_scale` multiplies every run's steps (to fit a slower or faster machine); `compile` is
-    every run's train.compile."""
+    every run's train.compile, `seed` its train.seed (the data stay those of task.seed 0)."""
     from stairscale.config import RunConfig, from_dict
     from stairscale.train.checkpoint import refuse_another_run
 
     budget = QUICK if quick else FULL
     started = time.time()
-    configs = [run_config(task, model, budget, out, steps_scale, compile) for task in ("random_walk", "algorithmic") for model in MODELS]
+    configs = [run_config(task, model, budget, out, steps_scale, compile, seed) for task in ("random_walk", "algorithmic")
+               for model in MODELS]
     print(f"reproduce tracking ({'quick' if quick else 'full'}): {len(configs)} runs into {out}", flush=True)
     for config in configs:  # before any run starts: one that would mix with an earlier run in --out
         refuse_another_run(from_dict(RunConfig, config).validate())
     run_all(configs, budget.parallel)
     report = score(out, budget)
-    report["wall_seconds"] = time.time() - started
+    report["seed"], report["wall_seconds"] = seed, time.time() - started
     files.write_text(out / "report.json", json.dumps(report, indent=2))
     table = render(report)
     files.write_text(out / "table.md", table)
@@ -322,7 +324,8 @@ def render(report: dict) -> str:
     longest = lengths[-1]
     reach = report["txl_reach"]
     lines = [
-        f"Random walk (P=8, chance 87.5%) and algorithmic task (3 variables); Transformer-XL reach = {reach} tokens.",
+        f"Random walk (P=8, chance 87.5%) and algorithmic task (3 variables); Transformer-XL reach = {reach} tokens; "
+        f"train.seed {report.get('seed', 0)}.",
         "",
         "| model | parameters | passes/token | "
         + " | ".join(f"walk err % ({n}-token docs)" for n in lengths)

@@ -15,12 +15,12 @@ def test_makespan_runs_longest_first_on_free_slots():
     assert _makespan([5, 4, 3], parallel=1) == 12
 
 
-def test_every_planned_run_is_a_valid_fp32_config_with_its_compile_mode(tmp_path):
+def test_every_planned_run_is_a_valid_fp32_config_with_its_compile_mode_and_seed(tmp_path):
     for budget in (QUICK, FULL):
         for task in ("random_walk", "algorithmic"):
             for model in MODELS:
-                cfg = from_dict(RunConfig, run_config(task, model, budget, Path(tmp_path), compile="default")).validate()
-                assert cfg.train.compile == "default"
+                cfg = from_dict(RunConfig, run_config(task, model, budget, Path(tmp_path), compile="default", seed=3)).validate()
+                assert cfg.train.compile == "default" and cfg.train.seed == 3 and cfg.task.seed == 0
                 assert cfg.train.precision == "fp32"
                 if task == "random_walk":  # one curriculum stage per length, starting at step 0
                     assert len(cfg.task.train_length_steps) == len(budget.walk_lengths)
@@ -67,7 +67,8 @@ def test_the_table_judges_the_targets_of_the_issue():
         "ladder": model({128: (44.0, 83.0), 1024: (80.0, 86.0)}),
         "staircase": model({128: (0.5, 4.0), 1024: (12.0, 12.5)}),
     }}
-    table = render(report)
+    table = render({**report, "seed": 2})
+    assert "Transformer-XL reach = 64 tokens; train.seed 2." in table
     assert ("Scored: the weights of each run's best validation (train.keep_best), of steps transformer_xl 900 (walk) "
             "and 100 (algorithmic), ladder 900 (walk)") in table
     assert "final weights' error on the same 256 test walks of 1024 tokens: transformer_xl 20.0%, ladder 20.0%" in table
