@@ -3,15 +3,20 @@ its bytes, and the folder that names it, are on disk."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 
 def sync(path: str | Path) -> None:
-    """Flush a file's bytes, or a folder's list of names, to disk."""
+    """Flush a file's bytes, or a folder's list of names, to disk (where the file system can:
+    some network and FUSE file systems refuse to sync a folder)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if not (os.path.isdir(path) and err.errno in (errno.EINVAL, errno.ENOTSUP)):
+            raise
     finally:
         os.close(fd)
 

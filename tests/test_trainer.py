@@ -534,9 +534,12 @@ def test_scoring_refuses_data_other_than_the_runs(tmp_path, tiny):
     trained = trainer.train()["test"]
     run = str(tmp_path / "run")
     assert evaluate_run(run, "test")["loss"] == pytest.approx(trained["loss"], rel=1e-9)
+    more_lanes = evaluate_run(run, "test", ["train.lanes=8"])  # the same documents in another dataset: not refused
+    assert more_lanes["loss"] == pytest.approx(trained["loss"], rel=1e-6)
     corpus.write_text(corpus.read_text().replace("fox", "cat"))  # the same size: only the content changed
-    with pytest.raises(DataError, match="its test split is not the one the run of .*checkpoint.pt was scored on"):
-        evaluate_run(run, "test")
+    for keys in ([], ["data.workers=0"]):  # keys that choose no data
+        with pytest.raises(DataError, match="its test split holds other documents than the run of .*checkpoint.pt was scored on"):
+            evaluate_run(run, "test", keys)
     changed = load_config(Path(run) / "config.yaml")
     from stairscale.data.prepare import dataset_dir
 
@@ -546,5 +549,5 @@ def test_scoring_refuses_data_other_than_the_runs(tmp_path, tiny):
     manifest = json.loads((other_vocab / "manifest.json").read_text())
     manifest["vocab"]["tokens"][:2] = manifest["vocab"]["tokens"][1::-1]  # two token ids swapped
     (other_vocab / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint.pt was trained with another vocabulary"):
+    with pytest.raises(DataError, match=r"has another vocabulary than checkpoint .*checkpoint.pt was trained with"):
         evaluate_run(run, "test", [f"data.dir={other_vocab}"])

@@ -178,13 +178,13 @@ class Core(nn.Module):
         return self.run_layers(x, pos, doc, context)
 
     def _layers(self, x: Tensor, pos: Tensor, doc: Tensor, context: Rows | None) -> tuple[Tensor, Tensor]:
+        if context is not None and context.h.shape[0] not in (1, len(self.layers)):
+            raise ValueError(f"carried rows hold {context.h.shape[0]} layers, the core has {len(self.layers)} "
+                             "(a state from another model?)")
         k_pos = pos if context is None else torch.cat([context.pos, pos])
         k_doc = doc if context is None else torch.cat([context.doc, doc], dim=1)
         relative = None if self.relative is None else self.read_by_every_head(self.relative)
         geometry = attention_geometry(self.cfg, pos, doc, k_pos, k_doc, relative)
-        if context is not None and context.h.shape[0] not in (1, len(self.layers)):
-            raise ValueError(f"carried rows hold {context.h.shape[0]} layers, the core has {len(self.layers)} "
-                             "(a state from another model?)")
         inputs = []
         for index, layer in enumerate(self.layers.values()):
             inputs.append(x)

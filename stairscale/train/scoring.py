@@ -20,13 +20,15 @@ def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str 
     for assignment in overrides:
         if assignment.startswith(("model.", "parallel.")):
             raise ConfigError(f"--set {assignment!r}: the model and its layout are the run's; scoring may change task, data and train keys")
+    run_cfg = load_config(Path(run_dir) / "config.yaml")
     cfg = load_config(Path(run_dir) / "config.yaml", overrides)
     device = resolve_device(cfg)
     dataset = Dataset(dataset_dir(cfg))
     check_split(dataset, split)
     path = Path(run_dir) / (BEST if weights == "best" else CHECKPOINT)
     payload = load_checkpoint(run_dir, path.name)
-    check_same_data(payload.get("data", {}), dataset, split, path, data_chosen=any(a.startswith(("task.", "data.")) for a in overrides))
+    other_data_asked = cfg.task != run_cfg.task or any(a.startswith("data.dir=") for a in overrides)
+    check_scored_data(payload.get("data", {}), dataset, split, path, other_data_asked)
     model = StaircaseLM(cfg.model, len(dataset.vocab), dataset.vocab.pad_id)  # checkpoints hold single-device weights
     try:
         model.load_state_dict(payload["model"])
@@ -35,20 +37,18 @@ def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str 
     return evaluate(model.to(device), cfg, make_loader(cfg, dataset.root, split, training=False), device)
 
 
-def check_same_data(trained: dict, dataset: Dataset, split: str, path: Path, data_chosen: bool) -> None:
+def check_scored_data(recorded: dict, dataset: Dataset, split: str, path: Path, other_data_asked: bool) -> None:
     """The checkpoint's weights read the dataset's token ids as the run did, and (unless the
-    --set keys chose other data) the split is the one the run was scored on. Checkpoints
-    written before these were recorded are not checked."""
-    if trained.get("vocab", dataset.vocab.digest) != dataset.vocab.digest:
-        raise CheckpointError(f"checkpoint {path} was trained with another vocabulary than dataset {dataset.root} has "
-                              "(a tokenizer trained again, by another `tokenizers` version, say), so its token ids "
-                              "would mean other tokens; score it on the run's own dataset: --set data.dir=DIR")
-    if not data_chosen and trained.get(split, dataset.fingerprint_of([split])) != dataset.fingerprint_of([split]):
-        raise DataError(f"dataset {dataset.root}: its {split} split is not the one the run of {path} was scored on "
-                        f"(fingerprint {dataset.fingerprint_of([split])}, the run's {trained[split]}): the corpus "
-                        "changed since (an edited file, another interpreter's standard library); to score this data "
-                        "on purpose, name it: --set data.dir=DIR")
-
+    --set keys asked for another task or named a data.dir) the split holds the documents the run was
+    scored on. Checkpoints written before these were recorded are not checked."""
+    if recorded.get("vocab", dataset.vocab.digest) != dataset.vocab.digest:
+        raise DataError(f"dataset {dataset.root} has another vocabulary than checkpoint {path} was trained with (a "
+                        "tokenizer trained again, by another `tokenizers` version, say): its token ids would mean other "
+                        "tokens; score it on the run's own dataset: --set data.dir=DIR")
+    if split in recorded and not other_data_asked and recorded[split] != dataset.content_digest(split):
+        raise DataError(f"dataset {dataset.root}: its {split} split holds other documents than the run of {path} was "
+                        "scored on: the corpus changed since (an edited file, another interpreter's standard library); "
+                        "to score this data on purpose, name it: --set data.dir=DIR")
 
 
 def evaluate_run(run_dir: str, split: str, overrides: list[str] = (), weights: str = "final") -> dict:

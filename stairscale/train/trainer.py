@@ -181,6 +181,8 @@ class Trainer:
         self.dataset = Dataset(self.data_root)
         collectives.check_same_data(self.dataset.fingerprint, str(self.data_root), self.layout)
         check_splits(self.dataset, cfg)
+        # What the weights are trained and scored with, kept in checkpoints: scoring them later checks it.
+        self.scored_data = {"vocab": self.dataset.vocab.digest, **{s: self.dataset.content_digest(s) for s in ("valid", "test")}}
         self.vocab = (len(self.dataset.vocab), self.dataset.vocab.pad_id)
         model = build_model(cfg, *self.vocab, self.layout).to(self.device)
         if cfg.train.compile != "none":
@@ -368,9 +370,8 @@ class Trainer:
         if not all(bool(w.isfinite().all()) for w in weights.values() if w.is_floating_point()):  # (the same on every rank)
             self._diverged(f"by step {step}")
         if self.layout.reports:
-            # What the weights were trained and scored on: scoring them later checks the data is the same.
-            data = {"vocab": self.dataset.vocab.digest, **{split: self.dataset.fingerprint_of([split]) for split in ("valid", "test")}}
-            save_checkpoint(self.run_dir, {"model": weights, "step": step, "layout": dataclasses.asdict(self.layout), "data": data}, name)
+            save_checkpoint(self.run_dir, {"model": weights, "step": step, "layout": dataclasses.asdict(self.layout),
+                                           "data": self.scored_data}, name)
 
     def _test_results(self, test: Tally) -> dict:
         results = {"test": test.summary()}
