@@ -38,8 +38,7 @@ def train_split(cfg: TaskConfig, stage: int) -> str:
     return f"train-{cfg.train_lengths[stage]}" if cfg.name == "random_walk" else "train"
 
 
-def task_splits(cfg: TaskConfig) -> dict[str, Iterable[Document]]:
-    task = build_task(cfg)
+def task_splits(task, cfg: TaskConfig) -> dict[str, Iterable[Document]]:
     if isinstance(task, RandomWalkTask):
         splits = {train_split(cfg, i): _walks(task, cfg, length) for i, length in enumerate(cfg.train_lengths)}
         for split in ("valid", "test"):
@@ -98,7 +97,7 @@ def prepare_dataset(cfg: RunConfig, out_dir: str | Path, replace: bool = False) 
     """Write the task's splits as shards under out_dir (`replace`: in place of an earlier dataset there)."""
     check_replaceable(out_dir, replace)  # before the work, not after
     task = build_task(cfg.task)
-    splits = {name: list(docs) for name, docs in task_splits(cfg.task).items()}
+    splits = {name: list(docs) for name, docs in task_splits(task, cfg.task).items()}
     vocab, files = task.vocab, {}
     if cfg.task.tokenizer == "bpe":
         vocab, splits, files[TOKENIZER] = bpe_encode(splits, cfg.task.bpe_vocab, cut_by_bytes=task.format != "files")

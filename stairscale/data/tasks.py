@@ -22,6 +22,7 @@ from ``default_rng([seed, 0, length])``, one stream per curriculum length.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import os
@@ -384,7 +385,7 @@ class TextTask:
             raise ValueError(f"files() needs format 'files', this task has format={self.format!r}")
         if self._files is None:
             self._files = {s: [] for s in SPLITS}
-            for rel in self._list_files():
+            for rel in self._file_names:
                 self._files[self._split_of(rel)].append(rel)
         return self._files[split]
 
@@ -393,7 +394,7 @@ class TextTask:
         A dataset prepared from it is stale once this changes (an edited file, another
         interpreter's standard library)."""
         root = os.path.abspath(self.path)
-        names = self._list_files()  # one file: its name
+        names = self._file_names  # one file: its name
         stats = [os.stat(root if os.path.isfile(root) else os.path.join(root, name)) for name in names]
         return [root, self.format, [(name, st.st_size, st.st_mtime_ns) for name, st in zip(names, stats)]]
 
@@ -419,7 +420,8 @@ class TextTask:
         data = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
         return self._document(data[bounds[i]:bounds[i + 1]], f"{self.path}, the {split} split", bounds[i])
 
-    def _list_files(self) -> list[str]:
+    @functools.cached_property
+    def _file_names(self) -> list[str]:
         """Relative posix paths of the files under ``path``, sorted. Hidden files and directories
         (a name starting with a dot, such as .git) are left out; any other entry that is not a
         regular file (a link to a directory, a broken link, a pipe) is reported, not read."""
