@@ -2,9 +2,9 @@
 # The one prepared check for a lent GPU machine (docs/benchmarks.md, docs/reproducing.md):
 #   0. DeepSpeed keeps the trainer's bf16 autocast (docs/parallel.md, "Precision"): the first
 #      step's loss of ZeRO-1 in one process must be the plain bf16 run's, not the fp32 run's;
-#   1. `bench step` of the full reproduction's Staircase (fp32, as the reproduction trains): eager
-#      at 512 lanes, and at 128 lanes eager against two torch.compile modes, measured in the same
-#      run (a few minutes);
+#   1. `bench step` of the full reproduction's Staircase (its 32 lanes, fp32, as the reproduction
+#      trains): eager against two torch.compile modes, measured in the same run, and eager at the
+#      algorithmic runs' 128 lanes (a few minutes);
 #   2. the full `reproduce tracking`, fitted to MINUTES, with the fastest mode of step 1.
 # Usage: launch/gpu_check.sh [MINUTES] [OUT]   (default 6 minutes, $OUT or runs/gpu_check; an OUT
 # that already holds a reproduction is refused at step 2, so give each call an empty one)
@@ -31,9 +31,9 @@ print(f"first-step loss: fp32 {first['fp32']:.6f}, bf16 {first['bf16']:.6f}, ZeR
 EOF
 bench_step="python -m stairscale.cli bench step --set train.precision=fp32"
 # A benchmark that fails must not cost the steps after it (one device session, one try).
-$bench_step --set train.lanes=512 --steps 10 --warmup 3 --compile none 2>&1 | tee "$out/bench_step_512.txt" || echo "bench at 512 lanes failed"
-$bench_step --set train.lanes=128 --steps 20 --warmup 10 --compile default,reduce-overhead 2>&1 | tee "$out/bench_step_128.txt" \
-  || echo "bench at 128 lanes failed"
-fastest=$(awk '/^fastest:/ {print $2}' "$out/bench_step_128.txt")
+$bench_step --steps 20 --warmup 10 --compile default,reduce-overhead 2>&1 | tee "$out/bench_step_32.txt" \
+  || echo "bench at 32 lanes failed"
+$bench_step --set train.lanes=128 --steps 10 --warmup 3 --compile none 2>&1 | tee "$out/bench_step_128.txt" || echo "bench at 128 lanes failed"
+fastest=$(awk '/^fastest:/ {print $2}' "$out/bench_step_32.txt")
 fastest=${fastest:-none}
 python -m stairscale.cli reproduce tracking --fit-minutes "$minutes" --compile "$fastest" --out "$out/tracking" | tee "$out/tracking.txt"

@@ -114,11 +114,11 @@ def bench_data(cfg: RunConfig, seconds: float, steps: int = 20, warmup: int = 10
     return result
 
 
-def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int) -> list[dict] | None:
+def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int, warmup: int = 2) -> list[dict] | None:
     """Seconds per train step of the config's layout with each number of pipeline micro-batches
     (same global batch, so the same work), beside the speed-up the wavefront's unit-time model
-    predicts over one micro-batch. Run it under a launcher with the config's world size. (Two
-    warm-up steps: a pipeline cannot be compiled, so they pay only for start-up.)"""
+    predicts over one micro-batch. Run it under a launcher with the config's world size. (A
+    pipeline cannot be compiled, so its warm-up steps pay only for start-up.)"""
     rows = []
     _, _, world = launch_environment()
     dp = max(1, world // (cfg.parallel.tensor * cfg.parallel.pipeline))
@@ -127,7 +127,7 @@ def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int) -> list
             raise ConfigError(f"--micro-batches: {count} micro-batches do not divide the {cfg.train.lanes // dp} lanes of each data-parallel rank")
     for count in micro_batches:
         with StepTimer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count))) as timer:
-            seconds = timer.seconds_per_step(steps, warmup=2)
+            seconds = timer.seconds_per_step(steps, warmup)
             runner = getattr(timer.trainer.model, "runner", None)
             layout = timer.trainer.layout
         calls = runner.schedule.count(cfg.train.segment_len) if runner else 1

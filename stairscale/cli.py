@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--seconds", type=positive(float), default=10.0, help="data: seconds the loader is measured for")
     bench.add_argument("--micro-batches", type=positive_ints, default=[1, 2, 4], help="pipeline: micro-batch counts to compare (the first is the baseline)")
-    bench.add_argument("--steps", type=positive(int), default=20, help="step, pipeline: train steps per measurement")
-    bench.add_argument("--warmup", type=int, default=10, help="step, data: train steps before each measurement (they pay for compilation)")
+    bench.add_argument("--steps", type=positive(int), default=20, help="train steps per measurement")
+    bench.add_argument("--warmup", type=positive(int), default=10, help="train steps before each measurement (they pay for start-up and compilation)")
     bench.add_argument("--compile", type=compile_modes, default="default", help="step: compile modes to compare with eager, comma-separated")
 
     reproduce = commands.add_parser("reproduce", help="rerun an experiment of the paper")
@@ -148,11 +148,11 @@ def bench_command(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.set)
     if args.what == "data":
-        bench_data(cfg, args.seconds, warmup=args.warmup)
+        bench_data(cfg, args.seconds, args.steps, args.warmup)
     elif args.what == "step":
         bench_step(cfg, args.compile, args.steps, args.warmup)
     else:
-        bench_pipeline(cfg, args.micro_batches, args.steps)
+        bench_pipeline(cfg, args.micro_batches, args.steps, args.warmup)
 
 
 def reproduce_command(args: argparse.Namespace) -> None:

@@ -378,7 +378,7 @@ def test_which_launcher_started_a_process_inside_a_slurm_allocation(monkeypatch)
 
 def test_pipeline_benchmark_compares_micro_batch_counts(config, tmp_path):
     done = subprocess.run(torchrun(2, "-m", "stairscale.cli", "bench", "pipeline", "--config", str(config),
-                                   "--set", "parallel.pipeline=2", "--steps", "2", "--micro-batches", "1,2"),
+                                   "--set", "parallel.pipeline=2", "--steps", "2", "--warmup", "2", "--micro-batches", "1,2"),
                           capture_output=True, text=True, env=env(), timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("micro-batches")]

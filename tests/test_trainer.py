@@ -14,7 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stairscale.bench import bench_step
+from stairscale.bench import bench_data, bench_step
 from stairscale.config import load_config
 from stairscale.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from stairscale.train.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
@@ -209,6 +209,27 @@ def test_step_benchmark_counts_what_an_eager_step_dispatches(tmp_path, tiny, cap
     assert "ms_per_step" not in rows[1] and "no-such-mode" in rows[1]["error"]
     printed = capsys.readouterr().out
     assert "compile no-such-mode: failed: " in printed and "fastest: none" in printed
+
+
+def test_step_benchmark_ratios_read_the_right_way_round(tmp_path, tiny, capsys, monkeypatch):
+    """Timings are noisy, so the arithmetic is checked with set ones: eager at 4 ms, a mode at 2 ms."""
+    import stairscale.bench
+
+    monkeypatch.setattr(stairscale.bench.StepTimer, "seconds_per_step", lambda self, steps, warmup: 0.004)
+    monkeypatch.setattr(stairscale.bench, "measure_step", lambda cfg, steps, warmup, compile=None: 0.002)
+    cfg = tiny(tmp_path, "task.train_lengths=[16]", "task.train_length_steps=[0]")
+    rows = bench_step(cfg, ["none", "twice-as-fast"], steps=2, warmup=1)
+    assert [row["ms_per_step"] for row in rows] == [4.0, 2.0]
+    printed = capsys.readouterr().out
+    assert "compile twice-as-fast: 2.0 ms/step | speed-up over eager 2.00x" in printed and "fastest: twice-as-fast" in printed
+
+
+def test_data_benchmark_sets_the_loader_beside_the_train_step(tmp_path, tiny, capsys):
+    cfg = tiny(tmp_path, "task.train_lengths=[16]", "task.train_length_steps=[0]")
+    result = bench_data(cfg, seconds=0.2, steps=2, warmup=1)
+    assert result["loader_tokens_per_s"] > 0 and result["train_tokens_per_s"] > 0
+    assert result["loader_over_train"] == result["loader_tokens_per_s"] / result["train_tokens_per_s"]
+    assert f"loader / train = {result['loader_over_train']:.1f}x" in capsys.readouterr().out
 
 
 def test_cli_train_then_eval_agree(tmp_path, cache):
