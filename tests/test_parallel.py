@@ -124,8 +124,8 @@ def assert_layout_applied(run_dir: Path, ranks: int, cfg) -> None:
     if p.pipeline > 1:
         layers = [{name.split(".")[2] for name in r["shapes"] if name.startswith("core.layers.")} for r in records]
         assert all(len(held) == cfg.model.n_layers // p.pipeline for held in layers), layers
-        stages = [r["layout"]["pp_rank"] for r in records]
-        for record, stage in zip(records, stages):  # the embedding on the first stage, the head on the last
+        for record in records:  # the embedding on the first stage, the head on the last
+            stage = record["layout"]["pp_rank"]
             assert ("embed.weight" in record["shapes"]) == (stage == 0)
             assert ("head.proj.weight" in record["shapes"]) == (stage == p.pipeline - 1)
 
