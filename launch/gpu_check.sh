@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 for run in fp32 bf16 zero1_bf16; do
   precision=${run#zero1_}
   zero=$([[ $run == zero1_* ]] && echo 1 || echo 0)
-  python -m stairscale.cli train --set train.steps=3 --set train.eval_every=0 --set task.eval_docs=4 \
+  python -m stairscale.cli train --set train.steps=3 --set train.warmup_steps=1 --set train.eval_every=0 --set task.eval_docs=4 \
     --set train.precision="$precision" --set parallel.zero_stage="$zero" --set run_dir="$out/precision/$run" \
     > "$out/precision_$run.log" 2>&1 || echo "precision run $run failed: see $out/precision_$run.log"
 done

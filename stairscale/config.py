@@ -288,12 +288,25 @@ class RunConfig:
                               f"{self.task.train_length_steps[-1]}, not before the run's end at train.steps={self.train.steps}")
         if self.train.stage_lr and len(self.train.stage_lr) != self.task.stages:
             raise ConfigError(f"train.stage_lr: {len(self.train.stage_lr)} values for {self.task.stages} curriculum stages")
+        self._check_warm_up()
         for stage in self.train.carried_offset_stages:
             if self.task.name != "random_walk":
                 raise ConfigError(f"train.carried_offset_stages: needs labels on a ring (task random_walk), not task {self.task.name}")
             if not 0 <= stage < self.task.stages:
                 raise ConfigError(f"train.carried_offset_stages: stage {stage} is not one of the {self.task.stages} curriculum stages (0-based)")
         return self
+
+    def _check_warm_up(self) -> None:
+        """Warm-up shorter than what it warms up (the run, or with lr_restarts every stage): else
+        the learning rate never reaches its peak, nor decays."""
+        restarts = self.train.lr_restarts and self.task.stages > 1
+        starts = [*self.task.train_length_steps, self.train.steps] if restarts else [0, self.train.steps]
+        shortest = min(stop - start for start, stop in zip(starts, starts[1:]))
+        if self.train.warmup_steps and self.train.warmup_steps >= shortest:
+            what = f"the shortest curriculum stage ({shortest} steps; train.lr_restarts warms up every stage)" if restarts \
+                else f"the run (train.steps={self.train.steps})"
+            raise ConfigError(f"train.warmup_steps: {self.train.warmup_steps} is not shorter than {what}: the learning "
+                              "rate would never reach its peak, nor decay")
 
     def _check_text_source(self) -> None:
         path = Path(self.task.path).expanduser() if self.task.path else Path(sysconfig.get_paths()["stdlib"])

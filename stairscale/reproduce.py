@@ -117,19 +117,24 @@ def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: fl
     # fp32 on every device: the recipes were tuned in fp32, and these tiny models are bound by
     # operation count, to which bf16 autocast adds its casts (docs/benchmarks.md).
     # --steps-scale scales every step count of the recipe: steps, stage boundaries and warm-up.
+    # Warm-up (200 steps) takes at most half of the shortest stage it warms up: the full variant's
+    # baselines have a first stage of 136 steps.
     lanes = budget.walk_lanes if task == "random_walk" else budget.algo_lanes
-    train = dict(lanes=lanes, segment_len=64, lr=2e-3, warmup_steps=max(1, round(200 * steps_scale)), grad_clip=0.25, lr_schedule="cosine",
+    train = dict(lanes=lanes, segment_len=64, lr=2e-3, grad_clip=0.25, lr_schedule="cosine",
                  log_every=100, threads=budget.threads, device=budget.device, precision="fp32", compile=compile, seed=seed)
     if task == "random_walk":
         steps = max(10, round(budget.walk_steps[model] * steps_scale))
-        task_cfg = dict(name="random_walk", positions=8, train_lengths=budget.walk_lengths,
-                        train_length_steps=[int(f * steps) for f in budget.walk_length_steps],
+        starts = [int(f * steps) for f in budget.walk_length_steps]
+        task_cfg = dict(name="random_walk", positions=8, train_lengths=budget.walk_lengths, train_length_steps=starts,
                         eval_length=budget.walk_eval_lengths[-1], eval_docs=128, train_docs=budget.walk_docs)
         train.update(lr_restarts=True, stage_lr=budget.walk_stage_lr, carried_offset_stages=budget.walk_carried_offset_stages)
     else:
         steps = max(10, round(budget.algo_steps * steps_scale))
+        starts = [0]
         task_cfg = dict(name="algorithmic", variables=3, eval_docs=256)
-    train.update(steps=steps, eval_every=max(steps // budget.validations, 1), keep_best=budget.keep_best)
+    shortest_stage = min(stop - start for start, stop in zip(starts, [*starts[1:], steps]))
+    train.update(steps=steps, warmup_steps=max(1, min(round(200 * steps_scale), shortest_stage // 2)),
+                 eval_every=max(steps // budget.validations, 1), keep_best=budget.keep_best)
     return dict(model={**CORE, **MODELS[model]}, task=task_cfg, train=train, run_dir=str(out / f"{task}_{model}"))
 
 

@@ -95,7 +95,7 @@ def test_a_train_step_scores_and_measures_the_offset_against_the_true_labels(wal
     the offset the model's guesses hold against the true labels. The head is biased to always
     guess one position, so both are known from the batch alone."""
     cfg = walk("run", "task.train_lengths=[40]", "task.train_length_steps=[0]", "task.train_length_spread=0",
-               "train.carried_offset_stages=[0]", "train.grad_accum=2", "train.steps=2")
+               "train.carried_offset_stages=[0]", "train.grad_accum=2", "train.steps=2", "train.warmup_steps=1")
     trainer = Trainer(cfg, quiet=True)
     guess = 3
     with torch.no_grad():

@@ -16,7 +16,7 @@ def test_default_is_valid():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.steps=7", "model.dropout=0", "train.lr=1e-3", "task.train_lengths=[8]", "task.train_length_steps=[0]"])
+    cfg = load_config(None, ["train.steps=7", "train.warmup_steps=2", "model.dropout=0", "train.lr=1e-3", "task.train_lengths=[8]", "task.train_length_steps=[0]"])
     assert cfg.train.steps == 7 and cfg.model.dropout == 0.0 and cfg.train.lr == 0.001 and cfg.task.train_lengths == [8]
 
 
@@ -62,6 +62,8 @@ def test_overrides_are_typed():
         (["train.beta1=1.5"], "train.beta1"),
         (["train.weight_decay=-0.1"], "train.weight_decay"),
         (["train.min_lr_ratio=2"], "train.min_lr_ratio"),
+        (["train.steps=100"], "train.warmup_steps"),  # 200 steps of warm-up: the peak is never reached
+        (["train.lr_restarts=true", "task.train_lengths=[64,128,256]", "task.train_length_steps=[0,100,1100]"], "train.warmup_steps"),  # nor a stage of 100
         (["train.keep_best=true", "train.eval_every=0"], "train.keep_best"),  # nothing to choose from
         (["train.keep_best=true", "train.eval_every=2000"], "train.keep_best"),  # validated at the end only
         (["train.steps=[1"], "train.steps"),  # not valid YAML
@@ -93,7 +95,7 @@ def test_bad_file(tmp_path):
     assert str(listed) in error_for(path=listed) and str(listed) in error_for("train.steps=1", path=listed)
     empty_section = tmp_path / "empty_section.yaml"
     empty_section.write_text("train:\n")  # an empty section reads as null; --set still fills it
-    assert load_config(empty_section, ["train.steps=7"]).train.steps == 7
+    assert load_config(empty_section, ["train.steps=7", "train.warmup_steps=0"]).train.steps == 7
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("model:\n  d_model: 64\n  layers: 2\n")
     assert error_for(path=wrong).startswith("model.layers")

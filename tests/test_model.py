@@ -478,7 +478,7 @@ def test_a_trainer_step_never_waits_for_the_device(tmp_path, overrides):
     from stairscale.train.trainer import Trainer
 
     cfg = load_config(None, ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "model.chunk=4", "model.attn_lim=16",
-                             "train.lanes=4", "train.segment_len=16", "train.steps=3", "task.train_lengths=[24]",
+                             "train.lanes=4", "train.segment_len=16", "train.steps=3", "train.warmup_steps=1", "task.train_lengths=[24]",
                              "task.train_length_steps=[0]", "task.eval_docs=4", "task.train_docs=40",
                              f"data.cache={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}", *overrides])
     trainer = Trainer(cfg, quiet=True)

@@ -23,7 +23,7 @@ from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_load
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
         "model.chunk=4", "model.attn_lim=16", "train.log_every=2", "train.eval_every=3", "task.eval_docs=8",
-        "task.train_docs=200"]
+        "task.train_docs=200", "train.warmup_steps=1"]
 
 
 @pytest.fixture(scope="session")

@@ -265,8 +265,8 @@ class Trainer:
         return [CarriedOffset(walk.positions, walk.first_position_id, lanes, self.device) for _ in range(self.cfg.train.grad_accum)]
 
     def train_step(self, batch: Batch, states: list, lr: float, tally: Tally) -> tuple[Tensor | float, Tensor | float]:
-        """One optimizer step over the global batch (on the host; moved to the device here). This
-        rank's lanes are split into grad_accum micro-batches, each carrying its own state; the loss
+        """One optimizer step; `batch` is this rank's share of the global batch (on the host; moved
+        to the device here). This rank's lanes are split into grad_accum micro-batches, each carrying its own state; the loss
         is normalised over the targets of the whole global batch (times dp, because the
         data-parallel reduction averages). Returns the global batch's mean loss and the gradient
         norm before clipping; in one process both stay on the device, so the step never waits for it."""
@@ -316,8 +316,9 @@ class Trainer:
 
     def _diverged(self, where: str) -> None:
         kept = f"; {BEST} keeps the weights of step {self.best['step']}" if self.best else ""
-        raise TrainingDiverged(f"training diverged {where}: the run stops without a checkpoint, its weights are no longer "
-                               f"numbers{kept}. Lower train.lr, lengthen train.warmup_steps or set train.grad_clip")
+        clip = " or set train.grad_clip" if not self.cfg.train.grad_clip else ""
+        raise TrainingDiverged(f"training diverged {where}: the run stops without a checkpoint{kept}. Lower train.lr, "
+                               f"lengthen train.warmup_steps{clip}")
 
     def _log_progress(self, progress: Progress, done: int, lr: float, grad_norm: float) -> None:
         now = time.perf_counter()
