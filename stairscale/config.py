@@ -264,6 +264,11 @@ class ParallelConfig:
         )
 
 
+def shortest_stage(starts: list[int], steps: int) -> int:
+    """The fewest steps of the curriculum stages starting at `starts` in a run of `steps`."""
+    return min(stop - start for start, stop in zip(starts, [*starts[1:], steps]))
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -300,8 +305,7 @@ class RunConfig:
         """Warm-up shorter than what it warms up (the run, or with lr_restarts every stage): else
         the learning rate never reaches its peak, nor decays."""
         restarts = self.train.lr_restarts and self.task.stages > 1
-        starts = [*self.task.train_length_steps, self.train.steps] if restarts else [0, self.train.steps]
-        shortest = min(stop - start for start, stop in zip(starts, starts[1:]))
+        shortest = shortest_stage(self.task.train_length_steps if restarts else [0], self.train.steps)
         if self.train.warmup_steps and self.train.warmup_steps >= shortest:
             what = f"the shortest curriculum stage ({shortest} steps; train.lr_restarts warms up every stage)" if restarts \
                 else f"the run (train.steps={self.train.steps})"

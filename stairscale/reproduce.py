@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from stairscale import files
+from stairscale.config import shortest_stage
 from stairscale.errors import ConfigError, RunFailed
 from stairscale.train.scoring import score_run
 
@@ -90,9 +91,8 @@ QUICK = Budget(
 # recipe, which read as many walks in 6,000 steps of 128 lanes, stayed at 22-23% at seeds 0 and 1
 # (docs/reproducing.md): steps, not lanes, are what the third stage needs. Its 33,000 steps fit a
 # GPU's 10 minutes only at 18 ms per step (--fit-minutes scales them down to what the machine
-# measured). The baselines only have to show
-# where their reach ends; the algorithmic runs keep 128 lanes. Two runs at a time: a launch-bound
-# step leaves the GPU idle most of the time.
+# measured). The baselines only have to show where their reach ends; the algorithmic runs keep 128
+# lanes. Two runs at a time: a launch-bound step leaves the GPU idle most of the time.
 FULL = Budget(
     walk_steps={"transformer_xl": 1500, "ladder": 1500, "staircase": 33000},
     walk_lengths=[64, 128, 1024],
@@ -132,8 +132,7 @@ def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: fl
         steps = max(10, round(budget.algo_steps * steps_scale))
         starts = [0]
         task_cfg = dict(name="algorithmic", variables=3, eval_docs=256)
-    shortest_stage = min(stop - start for start, stop in zip(starts, [*starts[1:], steps]))
-    train.update(steps=steps, warmup_steps=max(1, min(round(200 * steps_scale), shortest_stage // 2)),
+    train.update(steps=steps, warmup_steps=max(1, min(round(200 * steps_scale), shortest_stage(starts, steps) // 2)),
                  eval_every=max(steps // budget.validations, 1), keep_best=budget.keep_best)
     return dict(model={**CORE, **MODELS[model]}, task=task_cfg, train=train, run_dir=str(out / f"{task}_{model}"))
 

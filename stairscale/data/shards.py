@@ -290,11 +290,6 @@ class Dataset:
         data = self._load(shard)
         return self._read_fast(shard, data) or self._read_each(shard, data)
 
-    def check_checksums(self, split: str) -> None:
-        """Every shard of the split is there and matches its sha256 (reads the split once)."""
-        for shard in self.shards(split):
-            self._load(shard)
-
     def _read_fast(self, shard: Shard, data: bytes) -> ShardDocuments | None:
         """Gather every document at the manifest's offsets; None if anything looks off, so the
         sample-by-sample reader can find and name the problem."""
@@ -344,7 +339,8 @@ class Dataset:
         )
 
     def content_digest(self, split: str) -> str:
-        """Identifies a split's documents, however they are sharded (reads the split once)."""
+        """Identifies a split's documents, however they are sharded (reads the split once, every
+        shard checked against its sha256)."""
         digest = hashlib.sha256()
         for shard in self.shards(split):
             docs = self.read_shard(shard)

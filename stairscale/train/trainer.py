@@ -68,15 +68,18 @@ def make_loader(cfg: RunConfig, root, split: str, training: bool, layout: Layout
     return LaneLoader(spec, layout.dp_rank, layout.dp, workers=cfg.data.workers, prefetch=cfg.data.prefetch)
 
 
-def check_splits(dataset: Dataset, cfg: RunConfig) -> None:
+def check_splits(dataset: Dataset, cfg: RunConfig) -> dict[str, str]:
     """Every split the run reads is there and holds something to predict, and each training split
-    a shard per lane; the evaluation splits (small) are read whole and checked against their
-    sha256: fail now, not at the first validation or after training."""
+    a shard per lane; the evaluation splits (small) are read whole, every shard checked against its
+    sha256: fail now, not at the first validation or after training. Returns the evaluation
+    splits' content digests."""
     for index in range(cfg.task.stages):
         check_split(dataset, train_split(cfg.task, index), cfg.train.lanes)
+    digests = {}
     for split in ("valid", "test"):
         check_split(dataset, split)
-        dataset.check_checksums(split)
+        digests[split] = dataset.content_digest(split)
+    return digests
 
 
 def check_split(dataset: Dataset, split: str, lanes: int = 0) -> None:
@@ -180,9 +183,8 @@ class Trainer:
         self.data_root = dataset_dir(cfg, self.log)
         self.dataset = Dataset(self.data_root)
         collectives.check_same_data(self.dataset.fingerprint, str(self.data_root), self.layout)
-        check_splits(self.dataset, cfg)
         # What the weights are trained and scored with, kept in checkpoints: scoring them later checks it.
-        self.scored_data = {"vocab": self.dataset.vocab.digest, **{s: self.dataset.content_digest(s) for s in ("valid", "test")}}
+        self.scored_data = {"vocab": self.dataset.vocab.digest, **check_splits(self.dataset, cfg)}
         self.vocab = (len(self.dataset.vocab), self.dataset.vocab.pad_id)
         model = build_model(cfg, *self.vocab, self.layout).to(self.device)
         if cfg.train.compile != "none":
@@ -266,9 +268,9 @@ class Trainer:
 
     def train_step(self, batch: Batch, states: list, lr: float, tally: Tally) -> tuple[Tensor | float, Tensor | float]:
         """One optimizer step; `batch` is this rank's share of the global batch (on the host; moved
-        to the device here). This rank's lanes are split into grad_accum micro-batches, each carrying its own state; the loss
-        is normalised over the targets of the whole global batch (times dp, because the
-        data-parallel reduction averages). Returns the global batch's mean loss and the gradient
+        to the device here). Its lanes are split into grad_accum micro-batches, each carrying its
+        own state; the loss is normalised over the targets of the whole global batch (times dp,
+        because the data-parallel reduction averages). Returns the global batch's mean loss and the gradient
         norm before clipping; in one process both stay on the device, so the step never waits for it."""
         t = self.cfg.train
         targets = collectives.sum_over_data_parallel(int((batch.targets != IGNORE).sum()), self.layout)
