@@ -278,7 +278,9 @@ LAUNCHES = {  # launcher: (layout overrides, how the run is started)
 def test_launchers_run_a_layout_from_the_config_and_record_it(launcher, config, single, tmp_path):
     overrides, script = LAUNCHES[launcher]
     args = ["--config", str(config), "--set", f"run_dir={tmp_path / 'run'}", *[f"--set={o}" for o in overrides]]
-    variables = {**env(), "BIN": str(Path(sys.executable).parent), "MASTER_PORT": free_port()}
+    variables = {**env(), "BIN": str(Path(sys.executable).parent)}
+    if launcher != "torchrun":  # torchrun.sh without MASTER_PORT lets torchrun bind a free port itself (--standalone)
+        variables["MASTER_PORT"] = free_port()
     if launcher == "mpirun":  # in a batch script: the allocation's SLURM variables, no srun step
         variables.update(SLURM_PROCID="0", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1")
     if launcher == "srun":  # no SLURM here: start the two tasks as srun would, with its variables
