@@ -9,7 +9,8 @@
 # Usage: launch/gpu_check.sh [MINUTES] [OUT]   (default 6 minutes, $OUT or runs/gpu_check; an OUT
 # that already holds a reproduction is refused at step 2, so give each call an empty one)
 # Needs a CUDA device and the package importable with the machine's own torch: PYTHONPATH=. plus
-# webdataset and tensorboard (`pip install -e .` would pull setup.cfg's pinned torch instead).
+# webdataset, tensorboard, deepspeed and megatron-core (step 0 runs ZeRO-1; `pip install -e .`
+# would pull setup.cfg's pinned torch instead).
 set -euo pipefail
 minutes=${1:-6}
 out=${2:-${OUT:-runs/gpu_check}}

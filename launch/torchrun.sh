@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train with torchrun on this node, or on several (run it on every node with the same MASTER_ADDR).
 #   NPROC_PER_NODE=4 launch/torchrun.sh --config configs/parallel_tp2_pp2.yaml
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh --config ... --set train.steps=1000
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh --config ... --set train.steps=2000
 # The layout (parallel.tensor, parallel.pipeline, parallel.zero_stage) comes from the config;
 # the data-parallel size is what is left of the world size. On one node without MASTER_PORT,
 # torchrun picks a free port (--standalone), so two jobs on one node do not collide.

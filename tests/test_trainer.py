@@ -1,6 +1,7 @@
 """End to end: real runs of the trainer and the command line on tiny configs."""
 
 import argparse
+import hashlib
 import json
 import shutil
 import signal
@@ -572,3 +573,24 @@ def test_scoring_refuses_data_other_than_the_runs(tmp_path, tiny):
     (other_vocab / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"has another vocabulary than checkpoint .*checkpoint.pt was trained with"):
         evaluate_run(run, "test", [f"data.dir={other_vocab}"])
+
+
+def test_skip_reaches_the_evaluation_splits_at_start_and_in_scoring(tmp_path, tiny):
+    """`data.on_bad_sample: skip` holds for every reader of a run: the check of the evaluation
+    splits at start-up and `stairscale eval` skip the bad sample the training run skipped."""
+    prepared = Trainer(tiny(tmp_path / "first", "train.steps=2"), quiet=True).data_root
+    root = tmp_path / "broken"
+    shutil.copytree(prepared, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    shard = manifest["splits"]["valid"]["shards"][0]
+    data = bytearray((root / shard["file"]).read_bytes())
+    bad = np.array(200, dtype=manifest["token_dtype"]).tobytes()  # the first token of the split's first walk
+    data[shard["tokens_at"][0] : shard["tokens_at"][0] + len(bad)] = bad
+    (root / shard["file"]).write_bytes(bytes(data))
+    shard["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"{shard['file']}, sample 000000000: token id 200 outside the vocabulary"):
+        Trainer(tiny(tmp_path / "strict", "train.steps=2", f"data.dir={root}"), quiet=True)
+    cfg = tiny(tmp_path, "train.steps=2", f"data.dir={root}", "data.on_bad_sample=skip")
+    valid = Trainer(cfg, quiet=True).train()["valid"]
+    assert evaluate_run(str(tmp_path / "run"), "valid")["loss"] == pytest.approx(valid["loss"], rel=1e-9)

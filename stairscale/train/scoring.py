@@ -23,7 +23,7 @@ def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str 
     run_cfg = load_config(Path(run_dir) / "config.yaml")
     cfg = load_config(Path(run_dir) / "config.yaml", overrides)
     device = resolve_device(cfg)
-    dataset = Dataset(dataset_dir(cfg))
+    dataset = Dataset(dataset_dir(cfg), cfg.data.on_bad_sample)
     check_split(dataset, split)
     path = Path(run_dir) / (BEST if weights == "best" else CHECKPOINT)
     payload = load_checkpoint(run_dir, path.name)

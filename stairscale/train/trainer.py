@@ -181,7 +181,7 @@ class Trainer:
             check_writable_dir(cfg.run_dir, "run_dir")
         self.quiet = quiet or not self.layout.reports
         self.data_root = dataset_dir(cfg, self.log)
-        self.dataset = Dataset(self.data_root)
+        self.dataset = Dataset(self.data_root, cfg.data.on_bad_sample)
         collectives.check_same_data(self.dataset.fingerprint, str(self.data_root), self.layout)
         # What the weights are trained and scored with, kept in checkpoints: scoring them later checks it.
         self.scored_data = {"vocab": self.dataset.vocab.digest, **check_splits(self.dataset, cfg)}
@@ -271,7 +271,8 @@ class Trainer:
         to the device here). Its lanes are split into grad_accum micro-batches, each carrying its
         own state; the loss is normalised over the targets of the whole global batch (times dp,
         because the data-parallel reduction averages). Returns the global batch's mean loss and the gradient
-        norm before clipping; in one process both stay on the device, so the step never waits for it."""
+        norm before clipping; in one process without ZeRO both stay on the device, so the step never
+        waits for them."""
         t = self.cfg.train
         targets = collectives.sum_over_data_parallel(int((batch.targets != IGNORE).sum()), self.layout)
         scale = self.layout.dp / max(1, targets)
