@@ -264,7 +264,7 @@ def test_text_files_split(text_tree):
     assert len(all_docs) == len(nonempty) and set(all_docs) == nonempty
     assert len(contents["train"]) > len(contents["valid"]) + len(contents["test"])
     # deterministic: a fresh task splits the same way
-    again = TextTask(path=str(root), seed=9)
+    again = TextTask(path=str(root))
     for split in ("train", "valid", "test"):
         assert [bytes(d.tokens[1:].astype(np.uint8)) for d in again.documents(split)] == contents[split]
     # byte ids are the bytes themselves (values above 127 included)

@@ -30,7 +30,7 @@ def build_task(cfg: TaskConfig) -> RandomWalkTask | AlgorithmicTask | TextTask:
         return RandomWalkTask(positions=cfg.positions, seed=cfg.seed)
     if cfg.name == "algorithmic":
         return AlgorithmicTask(variables=cfg.variables, seed=cfg.seed)
-    return TextTask(path=cfg.path or None, format=cfg.format, seed=cfg.seed)
+    return TextTask(path=cfg.path or None, format=cfg.format)  # its splits come from path hashes or byte offsets, not a seed
 
 
 def train_split(cfg: TaskConfig, stage: int) -> str:

@@ -63,10 +63,6 @@ class Vocab:
     def decode(self, ids) -> list[str]:
         return [self.tokens[int(i)] for i in ids]
 
-    def index(self, token: str) -> int:
-        """Id of a token string."""
-        return self.tokens.index(token)
-
 
 @dataclass
 class Document:
@@ -344,10 +340,9 @@ class TextTask:
     FORMATS = TEXT_FORMATS
     ENWIK8_CUTS = (90_000_000, 95_000_000, 100_000_000)
 
-    def __init__(self, path: str | None = None, format: str = "auto", seed: int = 0):
+    def __init__(self, path: str | None = None, format: str = "auto"):
         if format not in self.FORMATS:
             raise ValueError(f"format must be one of {self.FORMATS}, got format={format!r}")
-        self.seed = seed  # unused: splits come from path hashes or byte offsets
         tokens = tuple(_byte_name(b) for b in range(256)) + ("<bos>", "<pad>")
         self.vocab = Vocab(tokens=tokens, pad_id=257, bos_id=256)
         self.stdlib = path is None
