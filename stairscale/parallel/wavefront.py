@@ -19,6 +19,7 @@ through the whole segment).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 
@@ -63,25 +64,28 @@ class Schedule:
 
 def schedule(stages: int, micro_batches: int, steps: int, backward: bool = True) -> Schedule:
     phases = ("F", "B") if backward else ("F",)
-    pending = {
-        Action(phase, s, g, p) for phase in phases for s in range(steps) for g in range(micro_batches) for p in range(stages)
-    }
-    forwards_left = steps * micro_batches * stages
-    done: set[Action] = set()
+    actions = [Action(phase, s, g, p) for phase in phases for s in range(steps) for g in range(micro_batches) for p in range(stages)]
+    waiting = {action: len(dependencies(action, stages, steps)) for action in actions}  # results not yet there
+    dependents: dict[Action, list[Action]] = {action: [] for action in actions}
+    for action in actions:
+        for needed in dependencies(action, stages, steps):
+            dependents[needed].append(action)
+    ready = {phase: [[] for _ in range(stages)] for phase in phases}  # a heap per phase and stage
+    for action in actions:
+        if not waiting[action]:
+            heapq.heappush(ready[action.phase][action.stage], (_priority(action), action))
+    forwards_left, left = steps * micro_batches * stages, len(actions)
     slots = []
-    while pending:
-        ready = [a for a in pending if all(d in done for d in dependencies(a, stages, steps))]
-        if forwards_left:
-            ready = [a for a in ready if a.phase == "F"]
-        slot: list[Action | None] = [None] * stages
-        for action in sorted(ready, key=_priority):
-            if slot[action.stage] is None:
-                slot[action.stage] = action
-        for action in slot:
-            if action is not None:
-                pending.remove(action)
-                done.add(action)
-                forwards_left -= action.phase == "F"
+    while left:
+        phase = "F" if forwards_left else "B"
+        slot = [heapq.heappop(heap)[1] if heap else None for heap in ready[phase]]
+        for action in filter(None, slot):  # what this slot finishes is ready from the next slot on
+            left -= 1
+            forwards_left -= action.phase == "F"
+            for later in dependents[action]:
+                waiting[later] -= 1
+                if not waiting[later]:
+                    heapq.heappush(ready[later.phase][later.stage], (_priority(later), later))
         slots.append(slot)
     return Schedule(slots, stages, steps)
 
