@@ -37,33 +37,40 @@ def build_model(cfg: RunConfig, vocab_size: int, pad_id: int, layout: Layout) ->
     return model
 
 
-def full_state_dict(model: nn.Module, cfg: RunConfig, vocab_size: int, pad_id: int, layout: Layout) -> dict[str, torch.Tensor]:
-    """The single-device parameters, gathered from ZeRO-3 partitions, tensor shards and pipeline
-    stages; every rank takes part and every rank gets the whole dict (tiny models and tests)."""
+def full_state_dict(model: nn.Module, cfg: RunConfig, vocab_size: int, pad_id: int, layout: Layout) -> dict[str, torch.Tensor] | None:
+    """The single-device parameters on the reporting rank (None on the others), gathered from
+    ZeRO-3 partitions and tensor shards one parameter at a time, then from the pipeline stages.
+    Every rank takes part."""
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in StaircaseLM(cfg.model, vocab_size, pad_id).named_parameters()}
-    params = dict(model.named_parameters())
     if layout.tp > 1:
         from stairscale.parallel.tensor import gather_shard
     else:
         def gather_shard(param, shape):
             return param.detach().clone()
-    with _zero3_gathered(list(params.values())):
-        state = {name: gather_shard(param, shapes[name]).cpu() for name, param in params.items()}
-    if layout.pp > 1:
+    state = {}
+    for name, param in model.named_parameters():
+        with _zero3_gathered(param):
+            state[name] = gather_shard(param, shapes[name]).cpu()
+    if layout.tp_rank or layout.dp_rank:  # their stage's weights are the same as on tensor and data rank 0
+        return None
+    if layout.pp > 1:  # the stages of tensor and data rank 0 send theirs to the last stage, the reporting rank
         from megatron.core import parallel_state
 
-        stages = [None] * layout.pp
-        dist.all_gather_object(stages, state, group=parallel_state.get_pipeline_model_parallel_group())
+        group = parallel_state.get_pipeline_model_parallel_group()
+        stages = [None] * layout.pp if layout.last_stage else None
+        dist.gather_object(state, stages, dst=dist.get_global_rank(group, layout.pp - 1), group=group)
+        if not layout.last_stage:
+            return None
         state = {name: tensor for stage in stages for name, tensor in stage.items()}
     missing = set(shapes) - set(state)
     assert not missing, f"no rank holds {sorted(missing)}"
     return {name: state[name] for name in shapes}
 
 
-def _zero3_gathered(params: list[torch.Tensor]):
-    if not any(hasattr(p, "ds_id") for p in params):
+def _zero3_gathered(param: torch.Tensor):
+    if not hasattr(param, "ds_id"):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params)
+    return deepspeed.zero.GatheredParameters([param])

@@ -370,8 +370,9 @@ class Trainer:
     def _save(self, name: str, step: int) -> None:
         """Write the single-device weights; weights that are not all finite numbers (an update after
         the last loss read back overflowed them) stop the run instead."""
-        weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)  # a collective; every rank gets them all
-        if not all(bool(w.isfinite().all()) for w in weights.values() if w.is_floating_point()):  # (the same on every rank)
+        weights = full_state_dict(self.model, self.cfg, *self.vocab, self.layout)  # a collective; on the reporting rank
+        finite = weights is None or all(bool(w.isfinite().all()) for w in weights.values() if w.is_floating_point())
+        if collectives.any_rank(not finite, self.layout, self.device):
             self._diverged(f"by step {step}")
         if self.layout.reports:
             save_checkpoint(self.run_dir, {"model": weights, "step": step, "layout": dataclasses.asdict(self.layout),
