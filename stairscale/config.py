@@ -281,6 +281,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         if not self.run_dir.strip():
             raise ConfigError("run_dir: must name a directory (an empty one would write the run into the current one)")
+        self.run_dir = os.path.expanduser(self.run_dir)
         self.task.validate()
         self.data.validate()
         self.train.validate()
@@ -400,12 +401,27 @@ def check_writable_dir(path: str | Path, key: str) -> None:
         raise ConfigError(f"{key}: {path} cannot be written: no write permission in {existing}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (plain YAML keeps the
+    last, silently dropping the first: a second `train:` section would drop the first one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config (or the built-in default), apply overrides, validate."""
+    """Read a YAML run config (or the built-in default), apply overrides, validate. An error in a
+    value the file gives (not a --set key) names the file too."""
     data: dict = {}
     if path:
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except OSError as err:
             raise ConfigError(f"config file {path}: {err.strerror}") from err
         except UnicodeDecodeError as err:
@@ -416,4 +432,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ConfigError(f"config file {path}: expected a mapping of sections (task, model, train, ...), got {type(data).__name__}")
     for assignment in overrides:
         apply_override(data, assignment)
-    return from_dict(RunConfig, data).validate()
+    try:
+        return from_dict(RunConfig, data).validate()
+    except ConfigError as err:
+        if path and not any(str(err).startswith(a.split("=", 1)[0] + ":") for a in overrides):
+            raise ConfigError(f"{path}: {err}") from err
+        raise
