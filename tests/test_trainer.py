@@ -252,8 +252,15 @@ def test_cli_train_then_eval_agree(tmp_path, cache):
     if not torch.cuda.is_available():  # a GPU asked for where there is none: the key, before any work
         gpu = subprocess.run(cmd + ["eval", "--run", str(run), "--set", "train.device=cuda"], capture_output=True, text=True)
         assert gpu.returncode == 2 and "train.device" in gpu.stderr and "Traceback" not in gpu.stderr
-    # A run trained on GPUs over nccl is scored in one process on the CPU all the same.
+    # Weights of another model with the same shapes (another window) are not scored as this one.
     config = run / "config.yaml"
+    original = config.read_text()
+    config.write_text(original.replace("window: 2", "window: 1"))
+    other = subprocess.run(cmd + ["eval", "--run", str(run)], capture_output=True, text=True)
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    assert f"checkpoint {run / 'checkpoint.pt'} was trained as another model than its run's config.yaml describes (model.window 2 -> 1)" in other.stderr
+    config.write_text(original)
+    # A run trained on GPUs over nccl is scored in one process on the CPU all the same.
     config.write_text(config.read_text().replace("backend: auto", "backend: nccl"))
     on_cpu = subprocess.run(cmd + ["eval", "--run", str(run), "--set", "train.device=cpu"], capture_output=True, text=True)
     assert on_cpu.returncode == 0 and json.loads(on_cpu.stdout)["loss"] == pytest.approx(expected["loss"], rel=1e-9), on_cpu.stderr
@@ -268,6 +275,7 @@ def test_cli_train_then_eval_agree(tmp_path, cache):
         (change_a_weight, "is corrupt: its weights do not match the digest"),
         (lambda: checkpoint.write_bytes(checkpoint.read_bytes()[:1000]), "cannot be read"),
         (lambda: torch.save({"state_dict": {}}, checkpoint), "no 'model' entry"),
+        (lambda: torch.save({"model": [torch.ones(2)]}, checkpoint), "no 'model' entry of named tensors"),
         (lambda: torch.save({"model": {}, "code": argparse.Namespace()}, checkpoint), "cannot be read"),  # no pickled objects
         (checkpoint.unlink, "no checkpoint"),
     )
@@ -542,6 +550,20 @@ def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_last_checkpoint(
     with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'checkpoint.pt'} could not be written"):
         save_checkpoint(tmp_path, {"model": {"w": torch.zeros(100_000)}})
     assert not (tmp_path / "checkpoint.pt.tmp").is_symlink()
+    assert torch.equal(load_checkpoint(tmp_path)["model"]["w"], torch.ones(4))
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, {"model": {"w": torch.ones(4)}})
+
+    def interrupted_save(payload, path):  # Ctrl-C halfway through writing
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, {"model": {"w": torch.zeros(4)}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert torch.equal(load_checkpoint(tmp_path)["model"]["w"], torch.ones(4))
 
 

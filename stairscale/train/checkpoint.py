@@ -27,9 +27,10 @@ def save_checkpoint(run_dir: str | Path, payload: dict, name: str = CHECKPOINT) 
         torch.save({**payload, "model_sha256": weights_digest(payload["model"])}, tmp)
         put_in_place(tmp, path)
     except (OSError, RuntimeError) as err:  # a full disk, say (torch.save raises RuntimeError)
+        raise CheckpointError(f"checkpoint {path} could not be written: {err}") from err
+    finally:  # (Ctrl-C mid-write included)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"checkpoint {path} could not be written: {err}") from err
     return path
 
 
@@ -43,8 +44,8 @@ def load_checkpoint(run_dir: str | Path, name: str = CHECKPOINT) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise CheckpointError(f"checkpoint {path} has no 'model' entry: not a stairscale checkpoint")
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path} has no 'model' entry of named tensors: not a stairscale checkpoint")
     # Checkpoints written before 2026-11-29 have no digest.
     if "model_sha256" in payload and payload.pop("model_sha256") != weights_digest(payload["model"]):
         raise CheckpointError(f"checkpoint {path} is corrupt: its weights do not match the digest written with them")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from stairscale.config import load_config
+from stairscale.config import RunConfig, load_config
 from stairscale.data.prepare import dataset_dir
 from stairscale.data.shards import Dataset
 from stairscale.errors import CheckpointError, ConfigError, DataError
@@ -27,6 +28,7 @@ def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str 
     check_split(dataset, split)
     path = Path(run_dir) / (BEST if weights == "best" else CHECKPOINT)
     payload = load_checkpoint(run_dir, path.name)
+    check_model_config(payload.get("model_config"), cfg, path)
     other_data_asked = cfg.task != run_cfg.task or any(a.startswith("data.dir=") for a in overrides)
     check_scored_data(payload.get("data", {}), dataset, split, path, other_data_asked)
     model = StaircaseLM(cfg.model, len(dataset.vocab), dataset.vocab.pad_id)  # checkpoints hold single-device weights
@@ -35,6 +37,17 @@ def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str 
     except RuntimeError as err:  # shapes or names that differ from the run's config.yaml
         raise CheckpointError(f"checkpoint {path} does not fit the model its config.yaml and the --set keys build: {err}") from err
     return evaluate(model.to(device), cfg, make_loader(cfg, dataset.root, split, training=False), device)
+
+
+def check_model_config(recorded: dict | None, cfg: RunConfig, path: Path) -> None:
+    """The checkpoint's weights were trained as the model that the run's config.yaml describes:
+    weights of another schedule or window can have the same shapes, and would be scored as this
+    model. Checkpoints written before the model was recorded are not checked."""
+    now = dataclasses.asdict(cfg.model)
+    if recorded is None or recorded == now:
+        return
+    changed = ", ".join(f"model.{key} {recorded.get(key)!r} -> {value!r}" for key, value in now.items() if recorded.get(key) != value)
+    raise CheckpointError(f"checkpoint {path} was trained as another model than its run's config.yaml describes ({changed})")
 
 
 def check_scored_data(recorded: dict, dataset: Dataset, split: str, path: Path, other_data_asked: bool) -> None:

@@ -375,7 +375,8 @@ class Trainer:
         if collectives.any_rank(not finite, self.layout, self.device):
             self._diverged(f"by step {step}")
         if self.layout.reports:
-            save_checkpoint(self.run_dir, {"model": weights, "step": step, "layout": dataclasses.asdict(self.layout),
+            save_checkpoint(self.run_dir, {"model": weights, "model_config": dataclasses.asdict(self.cfg.model),
+                                           "step": step, "layout": dataclasses.asdict(self.layout),
                                            "data": self.scored_data}, name)
 
     def _test_results(self, test: Tally) -> dict:
