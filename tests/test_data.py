@@ -461,7 +461,7 @@ def test_skip_option_counts_bad_samples_and_keeps_exact_resume(copy, capsys):
     list(data.documents("train"))  # a second epoch: the same sample, reported once
     assert len(data.skipped) == 1
     assert len(docs) == json.loads((copy / MANIFEST).read_text())["splits"]["train"]["documents"] - 1
-    assert capsys.readouterr().out.count("skipping bad sample (1 in this process so far)") == 1
+    assert capsys.readouterr().err.count("skipping bad sample (1 in this process so far)") == 1
     skipping = spec(copy, on_bad_sample="skip")
     steps = LaneLoader(skipping).steps_per_epoch()
     reference = global_batches(LaneLoader(skipping), steps)

@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -385,7 +386,7 @@ class Dataset:
                 raise
             if where not in self.skipped:  # each epoch reads the shard again: report a sample once
                 self.skipped.add(where)
-                print(f"stairscale: skipping bad sample ({len(self.skipped)} in this process so far): {err}", flush=True)
+                print(f"stairscale: skipping bad sample ({len(self.skipped)} in this process so far): {err}", file=sys.stderr, flush=True)
             return None
 
 
