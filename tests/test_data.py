@@ -23,6 +23,7 @@ from stairscale.data.prepare import check_prepared_for, content_hash, dataset_di
 from stairscale.data.shards import MANIFEST, Dataset, Shard
 from stairscale.data.tasks import TextTask
 from stairscale.errors import DataError
+from stairscale.train.trainer import check_split
 
 LANES, SEGMENT, CHUNK = 4, 16, 4
 SCRIPT = Path(__file__).parent / "scripts" / "loader_ranks.py"
@@ -421,6 +422,29 @@ def test_a_manifest_entry_without_a_field(copy):
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=f"{MANIFEST}: split train, shard 0: missing or malformed field 'lengths'"):
         read_all(copy)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("first_document", 0.0, "first_document 0.0 is not a whole number"),
+    ("documents", "2", "documents '2' is not a whole number"),
+    ("tokens_at", ["a"], "tokens_at is not a list of whole numbers"),
+    ("lengths", [True], "lengths is not a list of whole numbers"),
+])
+def test_a_manifest_entry_of_the_wrong_type(copy, key, value, message):
+    manifest, shard = first_shard(copy)
+    shard[key] = value
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"{MANIFEST}: split train, shard 0: {message}"):
+        read_all(copy)
+
+
+def test_a_truncated_training_shard_is_found_before_training(copy):
+    """Its sha256 is checked only when it is read, maybe hours into a run; its size at start."""
+    manifest, shard = first_shard(copy)
+    path = copy / shard["file"]
+    path.write_bytes(path.read_bytes()[:1800])  # cut inside the second sample
+    with pytest.raises(DataError, match=f"split train has 1 truncated shards \\({path}, ...: shorter than the samples"):
+        check_split(Dataset(copy), "train")
 
 
 def test_a_manifest_shard_without_documents(copy):

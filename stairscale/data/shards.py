@@ -296,9 +296,7 @@ class Dataset:
         sample-by-sample reader can find and name the problem."""
         if shard.tokens_at is None or (self.labelled and shard.labels_at is None):
             return None
-        # Tokens are each sample's last member (TarWriter writes them in name order), so the
-        # end-of-archive marker follows the last sample's tokens unless another sample does.
-        end = shard.tokens_at[-1] + _padded(shard.lengths[-1] * self.token_dtype.itemsize)
+        end = self._payload_end(shard)
         if data[end : end + _BLOCK] != _ZEROS:
             return None
         if not data.startswith(f"{shard.first_document:09d}.".encode()):  # the tar's first sample is the manifest's first
@@ -317,6 +315,16 @@ class Dataset:
             lengths=lengths,
             ids=shard.first_document + np.arange(len(lengths)),
         )
+
+    def _payload_end(self, shard: Shard) -> int:
+        # Tokens are each sample's last member (TarWriter writes them in name order), so the
+        # end-of-archive marker follows the last sample's tokens unless another sample does.
+        return shard.tokens_at[-1] + _padded(shard.lengths[-1] * self.token_dtype.itemsize)
+
+    def truncated(self, shard: Shard) -> bool:
+        """The file ends before the manifest's last sample and the end-of-archive marker: a check
+        of its size only (its sha256 is checked when it is read)."""
+        return shard.tokens_at is not None and shard.path.stat().st_size < self._payload_end(shard) + 2 * _BLOCK
 
     def _read_each(self, shard: Shard, data: bytes) -> ShardDocuments:
         samples = list(_samples(data, shard.path))
@@ -412,14 +420,23 @@ def _outside(ids: np.ndarray, vocab_size: int, ignore_label_ok: bool) -> np.ndar
 
 def _check_entry(shard: Shard, where: str) -> None:
     """A shard's manifest entry agrees with itself (an edited manifest could else drop documents)."""
+    for key, value in {"first_document": shard.first_document, "documents": shard.documents, "tokens": shard.tokens}.items():
+        if not _whole(value):
+            raise DataError(f"{where}: {key} {value!r} is not a whole number")
     if shard.documents < 1:
         raise DataError(f"{where}: no documents (a shard holds at least one)")
     listed = {"lengths": shard.lengths, "tokens_at": shard.tokens_at, "labels_at": shard.labels_at}
     for key, values in listed.items():
+        if values is not None and not (isinstance(values, list) and all(map(_whole, values))):
+            raise DataError(f"{where}: {key} is not a list of whole numbers")
         if values is not None and len(values) != shard.documents:
             raise DataError(f"{where}: {len(values)} {key} for {shard.documents} documents")
     if sum(shard.lengths) != shard.tokens:
         raise DataError(f"{where}: lengths sum to {sum(shard.lengths)} tokens, but tokens is {shard.tokens}")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @contextlib.contextmanager

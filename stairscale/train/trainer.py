@@ -83,7 +83,8 @@ def check_splits(dataset: Dataset, cfg: RunConfig) -> dict[str, str]:
 
 
 def check_split(dataset: Dataset, split: str, lanes: int = 0) -> None:
-    """The split is there, has something to predict and (`lanes`: a training split) a shard per lane."""
+    """The split is there, has something to predict, (`lanes`: a training split) a shard per lane,
+    and every shard file, none shorter than its manifest entry says."""
     shards = dataset.shards(split)
     if not shards:
         raise DataError(f"dataset {dataset.root}: split {split} has no documents; a run trains on its train "
@@ -97,6 +98,10 @@ def check_split(dataset: Dataset, split: str, lanes: int = 0) -> None:
     if missing:
         raise DataError(f"dataset {dataset.root}: split {split} lacks {len(missing)} of its shards ({missing[0]}, ...); "
                         "prepare the dataset again")
+    short = [str(s.path) for s in shards if dataset.truncated(s)]
+    if short:
+        raise DataError(f"dataset {dataset.root}: split {split} has {len(short)} truncated shards ({short[0]}, ...: shorter "
+                        "than the samples its manifest lists); prepare the dataset again")
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
