@@ -295,11 +295,13 @@ def test_a_run_directory_holds_one_run(tmp_path, cache):
     for again in ([], ["--set", "train.threads=1", "--set", "data.workers=1"]):  # how it runs is not what it computes
         done = subprocess.run(cmd + again, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-    # The rerun replaced the run; the first run's curves are kept aside, not mixed with the rerun's.
-    for board in (run / "tensorboard", run / "tensorboard" / "replaced-1"):
-        events = EventAccumulator(str(board))
+    # The rerun replaced the run; the first run's weights, results and curves are kept aside, not mixed with the rerun's.
+    for folder in (run, run / "replaced-1"):
+        events = EventAccumulator(str(folder / "tensorboard"))
         events.Reload()
-        assert [e.step for e in events.Scalars("test/loss")] == [2], board
+        assert [e.step for e in events.Scalars("test/loss")] == [2], folder
+        assert json.loads((folder / "results.json").read_text())["test"]["loss"] > 0 and (folder / "checkpoint.pt").is_file()
+    assert load_config(run / "replaced-1" / "config.yaml").train.threads != load_config(run / "config.yaml").train.threads
     files = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
     other = subprocess.run(cmd + ["--set", "model.schedule=transformer"], capture_output=True, text=True)
     assert other.returncode == 2 and "Traceback" not in other.stderr

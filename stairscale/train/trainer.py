@@ -209,16 +209,24 @@ class Trainer:
 
     def _open_run_dir(self) -> SummaryWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._move_earlier_run_aside()
         files.write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         files.write_text(self.run_dir / "layout.json", json.dumps(dataclasses.asdict(self.layout), indent=2))
-        board = self.run_dir / "tensorboard"
-        earlier = sorted(board.glob("events.out.tfevents.*"))
-        if earlier:  # a run started here before: its curves move aside, as a run of their own
-            aside = next(board / f"replaced-{n}" for n in itertools.count(1) if not (board / f"replaced-{n}").exists())
-            aside.mkdir()
-            for path in earlier:
-                path.rename(aside / path.name)
-        return SummaryWriter(str(board))
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _move_earlier_run_aside(self) -> None:
+        """The same config run again in its directory replaces the run there: the earlier run's
+        weights, results and curves move to replaced-N/, so the two never mix, even if this one
+        stops early (TensorBoard shows the earlier curves as a run of their own)."""
+        outputs = [self.run_dir / name for name in (CHECKPOINT, BEST, RESULTS)]
+        earlier = [path for path in outputs if path.exists()] + sorted(self.run_dir.glob("tensorboard/events.out.tfevents.*"))
+        if not earlier:
+            return
+        aside = next(self.run_dir / f"replaced-{n}" for n in itertools.count(1) if not (self.run_dir / f"replaced-{n}").exists())
+        (aside / "tensorboard").mkdir(parents=True)
+        for path in earlier + [path for path in (self.run_dir / "config.yaml", self.run_dir / "layout.json") if path.exists()]:
+            path.rename(aside / path.relative_to(self.run_dir))
+        self.log(f"the earlier run in {self.run_dir} moved to {aside}")
 
     def log(self, message: str) -> None:
         if not self.quiet:
