@@ -118,6 +118,9 @@ def run_command(args: argparse.Namespace) -> int:
     except (DataError, CheckpointError, LaunchError, TrainingDiverged, RunFailed) as err:
         print(f"stairscale: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # the disk or the file system: a full disk, a folder made read-only
+        print(f"stairscale: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

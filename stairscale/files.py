@@ -29,10 +29,13 @@ def put_in_place(tmp: str | Path, path: str | Path) -> None:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """`path.write_text(text)`, but never half-written (a stop or a full disk mid-write)."""
+    """`path.write_text(text)`, but never half-written (a stop or a full disk mid-write); an error
+    names the file."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     try:
         tmp.write_text(text)
         put_in_place(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror}, writing", str(path)) from err
     finally:
         tmp.unlink(missing_ok=True)

@@ -618,3 +618,15 @@ def test_skip_reaches_the_evaluation_splits_at_start_and_in_scoring(tmp_path, ti
     cfg = tiny(tmp_path, "train.steps=2", f"data.dir={root}", "data.on_bad_sample=skip")
     valid = Trainer(cfg, quiet=True).train()["valid"]
     assert evaluate_run(str(tmp_path / "run"), "valid")["loss"] == pytest.approx(valid["loss"], rel=1e-9)
+
+
+def test_a_run_file_that_cannot_be_written_is_named(tmp_path, cache):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml.tmp").symlink_to("/dev/full")  # every write there fails: a full disk
+    overrides = TINY + ["train.steps=2", f"run_dir={run}", f"data.cache={cache}"]
+    done = subprocess.run([sys.executable, "-m", "stairscale.cli", "train"] + [a for o in overrides for a in ("--set", o)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"stairscale: error: [Errno 28] No space left on device, writing: '{run / 'config.yaml'}'" in done.stderr
+    assert not (run / "config.yaml.tmp").is_symlink() and not (run / "config.yaml").exists()

@@ -59,6 +59,8 @@ def write_dataset(
             for path in [*tmp.rglob("*"), tmp]:  # on disk before it is put in place
                 sync(path)
             _put_in_place(tmp, out_dir)
+        except OSError as err:  # a full disk, say
+            raise DataError(f"dataset {out_dir} could not be written ({err}); nothing was put in place") from err
         finally:  # (once in place there is nothing left to remove)
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
