@@ -8,7 +8,7 @@ segment, the commonest one over the segment's last BELIEF_TOKENS tokens, and its
 by that offset until its next walk starts. Inside a segment the loss is the plain one, so a slip
 there is still penalised at every later token back-propagation reaches. Evaluation, and the
 training error in the log, use the true labels; the training loss in the log is the one trained
-on, with the shifted labels. docs/reproducing.md has the trials.
+on, with the shifted labels. docs/recipe_trials.md has the trials.
 """
 
 from __future__ import annotations
