@@ -115,10 +115,7 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"stairscale: config error: {err}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, LaunchError, TrainingDiverged, RunFailed) as err:
-        print(f"stairscale: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:  # the disk or the file system: a full disk, a folder made read-only
+    except (DataError, CheckpointError, LaunchError, TrainingDiverged, RunFailed, OSError) as err:  # OSError: a full disk, say
         print(f"stairscale: error: {err}", file=sys.stderr)
         return 1
     return 0

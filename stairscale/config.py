@@ -11,6 +11,7 @@ import os
 import sysconfig
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -408,7 +409,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` merges a mapping in; not a key
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # the base class names it
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
             seen.add(key)
@@ -435,6 +440,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     try:
         return from_dict(RunConfig, data).validate()
     except ConfigError as err:
-        if path and not any(str(err).startswith(a.split("=", 1)[0] + ":") for a in overrides):
-            raise ConfigError(f"{path}: {err}") from err
+        set_keys = [assignment.split("=", 1)[0].strip() for assignment in overrides]
+        if path and not any(str(err).startswith((key + ":", key + ".")) for key in set_keys):
+            raise ConfigError(f"config file {path}: {err}") from err
         raise

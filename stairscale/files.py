@@ -36,6 +36,6 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
         put_in_place(tmp, path)
     except OSError as err:
-        raise OSError(err.errno, f"{err.strerror}, writing", str(path)) from err
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     finally:
         tmp.unlink(missing_ok=True)

@@ -100,12 +100,15 @@ def test_bad_file(tmp_path):
     assert load_config(empty_section, ["train.steps=7", "train.warmup_steps=0"]).train.steps == 7
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("model:\n  d_model: 64\n  layers: 2\n")
-    assert error_for(path=wrong).startswith(f"{wrong}: model.layers: unknown key")  # the file's key: the file is named
+    assert error_for(path=wrong).startswith(f"config file {wrong}: model.layers: unknown key")  # the file's key: the file is named
     assert error_for("model.layers=2").startswith("model.layers: unknown key")  # a --set key names itself
     assert error_for("train.steps=-1", path=empty_section).startswith("train.steps: must be >= 1")
     twice = tmp_path / "twice.yaml"
     twice.write_text("train:\n  steps: 20\nmodel:\n  d_model: 32\ntrain:\n  log_every: 10\n")  # the first train: would be dropped
     assert f"config file {twice}: not valid YAML" in error_for(path=twice) and "key 'train' appears twice" in error_for(path=twice)
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("model:\n  <<: {d_model: 32, n_heads: 2}\n  d_ff: 64\n")  # a merge key is not a repeated key
+    assert load_config(merged).model.d_model == 32
     assert load_config(None, ["run_dir=~/runs/x"]).run_dir == str(Path.home() / "runs/x")
 
 

@@ -443,7 +443,7 @@ def test_a_truncated_training_shard_is_found_before_training(copy):
     manifest, shard = first_shard(copy)
     path = copy / shard["file"]
     path.write_bytes(path.read_bytes()[:1800])  # cut inside the second sample
-    with pytest.raises(DataError, match=f"split train has 1 truncated shards \\({path}, ...: shorter than the samples"):
+    with pytest.raises(DataError, match=f"split train: 1 of its shards end before the samples the manifest lists \\({path}\\)"):
         check_split(Dataset(copy), "train")
 
 
@@ -645,3 +645,19 @@ def test_data_dir_may_start_at_the_home_directory(dataset, tmp_path, monkeypatch
     cfg = RunConfig(task=TaskConfig(name="text", path=json.loads((dataset / MANIFEST).read_text())["source"]["path"]),
                     data=DataConfig(dir=f"~/{dataset.name}"))
     assert dataset_dir(cfg) == dataset
+
+
+def test_a_dataset_that_cannot_be_written_is_named_and_leaves_nothing(tmp_path):
+    """A full disk, as a file-size limit makes it: every file past 4 KiB fails to grow (EFBIG)."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "walk"
+    prepare = [sys.executable, "-m", "stairscale.cli", "prepare-data", "--out", str(out),
+               "--set", "task.eval_docs=8", "--set", "task.train_docs=64", "--set", "train.lanes=4"]
+    done = subprocess.run(prepare, capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"stairscale: error: dataset {out} could not be written ([Errno 27] File too large); nothing was put in place" in done.stderr
+    assert list(tmp_path.iterdir()) == []

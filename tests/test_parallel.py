@@ -209,6 +209,20 @@ def test_ranks_that_read_different_data_refuse_to_train(config, tmp_path):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_weights_that_overflow_on_one_stage_stop_every_rank(config, tmp_path):
+    """Only the last stage writes the checkpoint and sees the gathered weights; the first stage,
+    whose weight overflowed, must stop too rather than wait in the next collective."""
+    run = tmp_path / "run"
+    plan = [[str(config), str(run), ["parallel.pipeline=2", "train.grad_accum=2", "parallel.timeout_minutes=0.5"]]]
+    (tmp_path / "runs.json").write_text(json.dumps(plan))
+    done = subprocess.run(torchrun(2, str(RUNS), str(tmp_path / "runs.json")), capture_output=True, text=True, cwd=ROOT,
+                          env={**env(), "OVERFLOW_BEFORE_SAVING": "1"}, timeout=300)
+    assert done.returncode != 0
+    for rank in (0, 1):
+        assert (run / f"rank{rank}.diverged").read_text().startswith("training diverged by step 5"), done.stderr[-3000:]
+    assert not (run / "checkpoint.pt").exists()
+
+
 def test_data_parallel_with_every_zero_stage_and_gradient_accumulation(config, single, tmp_path):
     runs = {f"zero{z}_accum{a}": [f"parallel.zero_stage={z}", f"train.grad_accum={a}"] for z in range(4) for a in (1, 2)}
     runs["carried_offset_accum2"] = [*VARIANTS["carried_offset"], "train.grad_accum=2"]

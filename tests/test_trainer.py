@@ -628,5 +628,5 @@ def test_a_run_file_that_cannot_be_written_is_named(tmp_path, cache):
     done = subprocess.run([sys.executable, "-m", "stairscale.cli", "train"] + [a for o in overrides for a in ("--set", o)],
                           capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert f"stairscale: error: [Errno 28] No space left on device, writing: '{run / 'config.yaml'}'" in done.stderr
+    assert f"stairscale: error: [Errno 28] cannot write {run / 'config.yaml'}: No space left on device" in done.stderr
     assert not (run / "config.yaml.tmp").is_symlink() and not (run / "config.yaml").exists()

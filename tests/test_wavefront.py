@@ -108,3 +108,11 @@ def test_top_rows_go_to_the_first_stage_and_with_a_cache_to_every_stage():
     assert [receives_top(p, 0, stages=3, steps=4, cached=False) for p in range(3)] == [True, False, False]
     assert not receives_top(0, 3, stages=3, steps=4, cached=False)  # the last call's top rows feed no call
     assert [receives_top(p, 3, stages=3, steps=4, cached=True) for p in range(3)] == [True, True, False]
+
+
+def test_a_small_schedule_slot_by_slot():
+    """Two stages, two micro-batches, two steps, written out: forwards in (step, micro-batch)
+    order as soon as their inputs arrive; backward from the last step, each stage as soon as it can."""
+    slots = [" ".join(f"{a.phase}{a.step}{a.micro}" if a else "---" for a in slot) for slot in schedule(2, 2, 2).slots]
+    assert slots == ["F00 ---", "F01 F00", "F10 F01", "F11 F10", "--- F11",
+                     "--- B10", "B10 B11", "B11 B00", "B00 B01", "B01 ---"]

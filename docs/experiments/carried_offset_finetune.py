@@ -7,7 +7,7 @@ usage: python docs/experiments/carried_offset_finetune.py INIT_RUN_DIR CONFIG [-
   INIT_RUN_DIR  a finished random-walk run whose weights to start from
   --plain       the same fine-tune with the true labels (the baseline)
   --keep-evals  also save the weights at every validation, as RUN_DIR/step<N>/checkpoint.pt
-See docs/reproducing.md, "Fine-tuning on long walks with the carried offset".
+See docs/recipe_trials.md, "Fine-tuning on long walks with the carried offset".
 """
 
 import sys

@@ -8,7 +8,7 @@ same true position (detached), added to that token's loss with weight W: on laye
 (--layer-norm), or on the raw rows relative to the mean row's mean square. Evaluation is unchanged.
 
 usage: python docs/experiments/carried_row_centre.py W CONFIG [--layer-norm] [key=value ...]
-See docs/reproducing.md, "The bad seeds' carried state drifts with depth".
+See docs/recipe_trials.md, "The bad seeds' carried state drifts with depth".
 """
 
 import sys

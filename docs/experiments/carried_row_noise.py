@@ -7,7 +7,7 @@ root mean square) is added to them, so the model has to keep its state where a s
 corrected rather than carried along. Evaluation is unchanged.
 
 usage: python docs/experiments/carried_row_noise.py SIGMA CONFIG [--relative] [key=value ...]
-See docs/reproducing.md, "The first-stage profile marks a good run; training for it does not
+See docs/recipe_trials.md, "The first-stage profile marks a good run; training for it does not
 make one".
 """
 

@@ -6,7 +6,7 @@ while training, the output head's loss on each token's first-pass output, weight
 carried rows themselves must name the position. Evaluation is unchanged.
 
 usage: python docs/experiments/first_pass_loss.py W CONFIG [key=value ...]
-See docs/reproducing.md, "Supervising the carried rows does not help".
+See docs/recipe_trials.md, "Supervising the carried rows does not help".
 """
 
 import sys

@@ -4,7 +4,7 @@ the walk, chunk by chunk.
 usage: python docs/experiments/norm_profile.py RUN_DIR [RUN_DIR ...] --length 512 --docs 128
 The mean norm of the carried rows (state_drift.py) at chunks 4, 16, 32 and the last, and the
 growth from chunk 4 to the last. After the first curriculum stage a growth near 1 marked the
-plain runs that went on to track long walks best. See docs/reproducing.md, "The first stage
+plain runs that went on to track long walks best. See docs/recipe_trials.md, "The first stage
 already tells a good seed from a bad one" and the section after it.
 """
 

@@ -4,7 +4,7 @@ finds the true position again afterwards.
 usage: python docs/experiments/slip_analysis.py RUN_DIR [RUN_DIR ...] [--length L] [--docs N]
 For each run: the error on N test walks of L tokens (the walks `stairscale eval --run RUN_DIR --set
 task.eval_length=L --set task.eval_docs=N` scores), the quartiles of the position of each walk's
-first wrong prediction, and the share of right predictions after it. See docs/reproducing.md,
+first wrong prediction, and the share of right predictions after it. See docs/recipe_trials.md,
 "Good and bad seeds slip equally early; the good one finds its way back".
 """
 

@@ -7,7 +7,7 @@ test walks (those of slip_analysis.py), for each stretch of 128 tokens: the mean
 carried rows, and how far the mean carried row of each position has moved from its mean at the
 training depths (chunks 4-15, tokens 32-127), as a fraction of the mean distance between two
 positions' means there. Only walks with no wrong prediction yet at a chunk's last token count.
-See docs/reproducing.md, "The bad seeds' carried state drifts with depth".
+See docs/recipe_trials.md, "The bad seeds' carried state drifts with depth".
 """
 
 from pathlib import Path

@@ -54,13 +54,14 @@ def write_dataset(
     tmp = out_dir.parent / f".{out_dir.name}.writing-{secrets.token_hex(6)}"
     with _terminate_unwinds():
         try:
-            tmp.mkdir()
-            manifest = _write_splits(tmp, vocab, labelled, splits, shard_docs, shards, source, files)
-            for path in [*tmp.rglob("*"), tmp]:  # on disk before it is put in place
-                sync(path)
+            try:
+                tmp.mkdir()
+                manifest = _write_splits(tmp, vocab, labelled, splits, shard_docs, shards, source, files)
+                for path in [*tmp.rglob("*"), tmp]:  # on disk before it is put in place
+                    sync(path)
+            except OSError as err:  # a full disk, say
+                raise DataError(f"dataset {out_dir} could not be written ({err}); nothing was put in place") from err
             _put_in_place(tmp, out_dir)
-        except OSError as err:  # a full disk, say
-            raise DataError(f"dataset {out_dir} could not be written ({err}); nothing was put in place") from err
         finally:  # (once in place there is nothing left to remove)
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest

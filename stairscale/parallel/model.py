@@ -48,11 +48,14 @@ def full_state_dict(model: nn.Module, cfg: RunConfig, vocab_size: int, pad_id: i
     else:
         def gather_shard(param, shape):
             return param.detach().clone()
+    keeps = not (layout.tp_rank or layout.dp_rank)  # the others' stage weights are the same as on tensor and data rank 0
     state = {}
     for name, param in model.named_parameters():
         with _zero3_gathered(param):
-            state[name] = gather_shard(param, shapes[name]).cpu()
-    if layout.tp_rank or layout.dp_rank:  # their stage's weights are the same as on tensor and data rank 0
+            full = gather_shard(param, shapes[name])  # a collective: every rank takes part
+            if keeps:
+                state[name] = full.cpu()
+    if not keeps:
         return None
     if layout.pp > 1:  # the stages of tensor and data rank 0 send theirs to the last stage, the reporting rank
         from megatron.core import parallel_state

@@ -65,10 +65,12 @@ class Schedule:
 def schedule(stages: int, micro_batches: int, steps: int, backward: bool = True) -> Schedule:
     phases = ("F", "B") if backward else ("F",)
     actions = [Action(phase, s, g, p) for phase in phases for s in range(steps) for g in range(micro_batches) for p in range(stages)]
-    waiting = {action: len(dependencies(action, stages, steps)) for action in actions}  # results not yet there
+    waiting: dict[Action, int] = {}  # how many of its inputs are not there yet
     dependents: dict[Action, list[Action]] = {action: [] for action in actions}
     for action in actions:
-        for needed in dependencies(action, stages, steps):
+        needs = dependencies(action, stages, steps)
+        waiting[action] = len(needs)
+        for needed in needs:
             dependents[needed].append(action)
     ready = {phase: [[] for _ in range(stages)] for phase in phases}  # a heap per phase and stage
     for action in actions:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from stairscale.config import RunConfig, load_config
+from stairscale.config import ModelConfig, RunConfig, load_config
 from stairscale.data.prepare import dataset_dir
 from stairscale.data.shards import Dataset
 from stairscale.errors import CheckpointError, ConfigError, DataError
@@ -39,15 +39,22 @@ def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str 
     return evaluate(model.to(device), cfg, make_loader(cfg, dataset.root, split, training=False), device)
 
 
+# Model keys that change how a model trains, not what its weights compute when scored.
+NOT_THE_MODEL = ("dropout", "attn_dropout", "activation_checkpointing")
+
+
 def check_model_config(recorded: dict | None, cfg: RunConfig, path: Path) -> None:
     """The checkpoint's weights were trained as the model that the run's config.yaml describes:
     weights of another schedule or window can have the same shapes, and would be scored as this
-    model. Checkpoints written before the model was recorded are not checked."""
-    now = dataclasses.asdict(cfg.model)
-    if recorded is None or recorded == now:
+    model. A key the checkpoint does not record (added since) counts at its default; checkpoints
+    written before the model was recorded are not checked."""
+    if recorded is None:
         return
-    changed = ", ".join(f"model.{key} {recorded.get(key)!r} -> {value!r}" for key, value in now.items() if recorded.get(key) != value)
-    raise CheckpointError(f"checkpoint {path} was trained as another model than its run's config.yaml describes ({changed})")
+    now, default = dataclasses.asdict(cfg.model), dataclasses.asdict(ModelConfig())
+    changed = [f"model.{key} {recorded.get(key, default[key])!r} -> {value!r}" for key, value in now.items()
+               if key not in NOT_THE_MODEL and recorded.get(key, default[key]) != value]
+    if changed:
+        raise CheckpointError(f"checkpoint {path} was trained as another model than its run's config.yaml describes ({', '.join(changed)})")
 
 
 def check_scored_data(recorded: dict, dataset: Dataset, split: str, path: Path, other_data_asked: bool) -> None:

@@ -100,8 +100,8 @@ def check_split(dataset: Dataset, split: str, lanes: int = 0) -> None:
                         "prepare the dataset again")
     short = [str(s.path) for s in shards if dataset.truncated(s)]
     if short:
-        raise DataError(f"dataset {dataset.root}: split {split} has {len(short)} truncated shards ({short[0]}, ...: shorter "
-                        "than the samples its manifest lists); prepare the dataset again")
+        raise DataError(f"dataset {dataset.root}: split {split}: {len(short)} of its shards end before the samples the "
+                        f"manifest lists ({', '.join(short[:3])}{', ...' if len(short) > 3 else ''}); prepare the dataset again")
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -219,7 +219,8 @@ class Trainer:
         weights, results and curves move to replaced-N/, so the two never mix, even if this one
         stops early (TensorBoard shows the earlier curves as a run of their own)."""
         outputs = [self.run_dir / name for name in (CHECKPOINT, BEST, RESULTS)]
-        earlier = [path for path in outputs if path.exists()] + sorted(self.run_dir.glob("tensorboard/events.out.tfevents.*"))
+        curves = sorted(self.run_dir.glob("tensorboard/events.out.tfevents.*")) + sorted(self.run_dir.glob("tensorboard/replaced-*"))
+        earlier = [path for path in outputs if path.exists()] + curves
         if not earlier:
             return
         aside = next(self.run_dir / f"replaced-{n}" for n in itertools.count(1) if not (self.run_dir / f"replaced-{n}").exists())

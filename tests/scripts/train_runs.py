@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from stairscale.config import load_config
+from stairscale.errors import TrainingDiverged
 from stairscale.model.lm import StaircaseLM
 from stairscale.parallel.groups import shutdown
 from stairscale.train.trainer import Trainer
@@ -79,10 +80,31 @@ def one_handle_per_batch() -> None:
     dist.batch_isend_irecv = lambda ops: [WholeBatch(batch_isend_irecv(ops))]
 
 
+def overflow_on_the_first_stage_before_saving(trainer: Trainer) -> None:
+    """An update after the last loss read back overflowed a weight, on the first pipeline stage
+    only: the save must stop every rank, not only the one that writes the checkpoint."""
+    save = trainer._save
+
+    def overflowed_save(name, step):
+        if trainer.layout.first_stage:
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = float("inf")
+        return save(name, step)
+
+    trainer._save = overflowed_save
+
+
 if __name__ == "__main__":
     if os.environ.get("ONE_HANDLE_PER_BATCH"):
         one_handle_per_batch()
     for config, run_dir, overrides in json.load(open(sys.argv[1])):
         overrides = [o.replace("{rank}", os.environ.get("RANK", "0")) for o in overrides]  # per-rank values
-        train_and_record(Trainer(load_config(config, [*overrides, f"run_dir={run_dir}"]), quiet=True), Path(run_dir))
+        trainer = Trainer(load_config(config, [*overrides, f"run_dir={run_dir}"]), quiet=True)
+        if os.environ.get("OVERFLOW_BEFORE_SAVING"):
+            overflow_on_the_first_stage_before_saving(trainer)
+        try:
+            train_and_record(trainer, Path(run_dir))
+        except TrainingDiverged as err:  # each rank says how it stopped
+            (Path(run_dir) / f"rank{trainer.layout.rank}.diverged").write_text(str(err))
+            raise
     shutdown()
