@@ -128,9 +128,12 @@ def train_command(args: argparse.Namespace) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> None:
+    from stairscale.train.metrics import headline
     from stairscale.train.scoring import evaluate_run
 
-    print(json.dumps(evaluate_run(args.run, args.split, args.set, args.weights), indent=2))
+    result = evaluate_run(args.run, args.split, args.set, args.weights)
+    print(f"{args.split}: {headline(result)} (loss {result['loss']:.4f})", file=sys.stderr)  # the JSON goes to stdout
+    print(json.dumps(result, indent=2))
 
 
 def prepare_data_command(args: argparse.Namespace) -> None:

@@ -201,6 +201,7 @@ class TrainConfig:
     beta2: float = 0.98
     grad_clip: float = 0.25  # 0 = no clipping
     eval_every: int = 200  # 0 = only at the end
+    eval_batches: int = 0  # validations score the first N segments of every lane; 0 = the whole split (test: always whole)
     keep_best: bool = False  # also keep the weights of the best validation as best.pt, and score them on test
     log_every: int = 20
     seed: int = 0
@@ -220,7 +221,7 @@ class TrainConfig:
         need(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", f"{self.precision!r} is not auto, fp32 or bf16")
         need(self.compile in COMPILE_MODES, "compile", f"{self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
-        for key in ("warmup_steps", "grad_clip", "weight_decay", "eval_every", "seed", "threads"):
+        for key in ("warmup_steps", "grad_clip", "weight_decay", "eval_every", "eval_batches", "seed", "threads"):
             need(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         need(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         for key in ("beta1", "beta2"):
@@ -312,7 +313,7 @@ class RunConfig:
             what = f"the shortest curriculum stage ({shortest} steps; train.lr_restarts warms up every stage)" if restarts \
                 else f"the run (train.steps={self.train.steps})"
             raise ConfigError(f"train.warmup_steps: {self.train.warmup_steps} is not shorter than {what}: the learning "
-                              "rate would never reach its peak, nor decay")
+                              f"rate would never reach its peak, nor decay; set a shorter one (--set train.warmup_steps={shortest // 10})")
 
     def _check_text_source(self) -> None:
         path = Path(self.task.path).expanduser() if self.task.path else Path(sysconfig.get_paths()["stdlib"])

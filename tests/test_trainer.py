@@ -630,3 +630,12 @@ def test_a_run_file_that_cannot_be_written_is_named(tmp_path, cache):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"stairscale: error: [Errno 28] cannot write {run / 'config.yaml'}: No space left on device" in done.stderr
     assert not (run / "config.yaml.tmp").is_symlink() and not (run / "config.yaml").exists()
+
+
+def test_eval_batches_caps_the_validations_and_never_the_test(tmp_path, tiny):
+    whole = Trainer(tiny(tmp_path / "whole", "train.steps=2"), quiet=True).train()
+    capped = Trainer(tiny(tmp_path / "capped", "train.steps=2", "train.eval_batches=1"), quiet=True).train()
+    lanes, segment = 4, 16  # TINY's
+    assert 0 < capped["valid"]["targets"] <= lanes * segment < whole["valid"]["targets"]
+    assert capped["test"] == whole["test"]
+    assert [point["valid_targets"] for point in capped["curve"]] == [capped["valid"]["targets"]] * len(capped["curve"])

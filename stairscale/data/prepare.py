@@ -109,7 +109,7 @@ def prepare_dataset(cfg: RunConfig, out_dir: str | Path, replace: bool = False) 
     if empty:  # only format "files" can leave a split empty: each non-empty file goes to one split
         raise DataError(f"task.path {task.path}: split {' and '.join(empty)} has no documents: each non-empty file "
                         "goes to train, valid or test by a hash of its name (about 90/5/5%), so this corpus needs more "
-                        "files, or one file cut by bytes (task.format=bytes); nothing was written")
+                        "files, or to be one file (joined: `cat FILES > corpus.txt`), which is cut by bytes; nothing was written")
     return write_dataset(out_dir, vocab, not isinstance(task, TextTask), splits, cfg.data.shard_docs,
                          shards_per_split(cfg), dataclasses.asdict(cfg.task), files, replace)
 

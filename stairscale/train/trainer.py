@@ -125,9 +125,9 @@ def learning_rate(cfg: RunConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, layout: Layout = Layout()) -> Tally:
-    """Score a whole split once, every lane read with carried state from a fresh start; the tally
-    is summed over the data-parallel ranks."""
+def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, layout: Layout = Layout(), batches: int = 0) -> Tally:
+    """Score a whole split once (or its first `batches` segments of every lane), every lane read
+    with carried state from a fresh start; the tally is summed over the data-parallel ranks."""
     was_training = model.training
     model.eval()
     tally = Tally.for_dataset(loader.dataset)
@@ -135,7 +135,7 @@ def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, la
     # Pipeline stages split their lanes into micro-batches, as in training, so that they overlap.
     parts = cfg.train.grad_accum if layout.pp > 1 else 1
     states = [RecurrentState.initial(lanes // parts, device) for _ in range(parts)]
-    for batch in loader:
+    for batch in itertools.islice(loader, batches or None):
         micros = batch.split(parts)
         on_device = [m.to(device) for m in micros]
         with autocast(cfg, device):
@@ -379,6 +379,7 @@ class Trainer:
         self.log(f"test: {headline(results['test'])} (loss {results['test']['loss']:.4f})")
         if self.layout.reports:
             files.write_text(self.run_dir / RESULTS, json.dumps(results, indent=2))
+        self.log(f"in {self.run_dir}: {RESULTS}, {CHECKPOINT}{f', {BEST}' if self.best else ''}, config.yaml, tensorboard/")
         return results
 
     def _save(self, name: str, step: int) -> None:
@@ -419,13 +420,16 @@ class Trainer:
 
     def _tally(self, split: str) -> Tally:
         loader = make_loader(self.cfg, self.data_root, split, training=False, layout=self.layout)
-        return evaluate(self.model, self.cfg, loader, self.device, self.layout)
+        batches = self.cfg.train.eval_batches if split == "valid" else 0
+        return evaluate(self.model, self.cfg, loader, self.device, self.layout, batches)
 
     def _evaluate(self, split: str, step: int) -> dict:
+        started = time.perf_counter()
         summary = self._tally(split).summary()
         self._scalars(split, summary, step)
         self.curve.append({"step": step, **{f"{split}_{k}": v for k, v in summary.items()}})
-        self.log(f"  {split} at step {step}: {headline(summary)} (loss {summary['loss']:.4f})")
+        self.log(f"  {split} at step {step}: {headline(summary)} (loss {summary['loss']:.4f}; "
+                 f"{summary['targets']:,} targets in {time.perf_counter() - started:.1f} s)")
         return summary
 
     def _scalars(self, split: str, summary: dict, step: int) -> None:
