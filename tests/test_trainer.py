@@ -370,6 +370,7 @@ def test_data_dir_must_hold_the_run_task(tmp_path):
     out = subprocess.run(run, capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert f"data.dir: {tmp_path / 'walk'} was prepared with task.positions 8 (the run: 16), task.eval_length 128 (the run: 512)" in out.stderr
+    assert "set the run's task keys as they were prepared (--set task.positions=8 --set task.eval_length=128)" in out.stderr
     # A corpus too small to give every split a file is refused when it is prepared.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
