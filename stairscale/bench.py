@@ -119,6 +119,9 @@ def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int, warmup:
     (same global batch, so the same work), beside the speed-up the wavefront's unit-time model
     predicts over one micro-batch. Run it under a launcher with the config's world size. (A
     pipeline cannot be compiled, so its warm-up steps pay only for start-up.)"""
+    if cfg.parallel.pipeline < 2:
+        raise ConfigError(f"parallel.pipeline: {cfg.parallel.pipeline} stage; bench pipeline compares micro-batch counts "
+                          "of a pipeline (--set parallel.pipeline=2 under a launcher of 2 processes, say)")
     rows = []
     _, _, world = launch_environment()
     dp = max(1, world // (cfg.parallel.tensor * cfg.parallel.pipeline))

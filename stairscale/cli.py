@@ -74,16 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--out", required=True, help="dataset directory to write (new or empty)")
     prepare.add_argument("--replace", action="store_true", help="replace the dataset --out holds (a run reading it would fail)")
 
-    bench = commands.add_parser("bench", help="measure a part of the system")
-    bench.add_argument("what", choices=["data", "step", "pipeline"],
-                       help="data: loader vs train step; step: compile modes vs eager; pipeline: micro-batches (under a launcher)")
-    bench.add_argument("--config", action=Once, help="YAML run config")
-    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    bench.add_argument("--seconds", type=positive(float), default=10.0, help="data: seconds the loader is measured for")
-    bench.add_argument("--micro-batches", type=positive_ints, default=[1, 2, 4], help="pipeline: micro-batch counts to compare (the first is the baseline)")
-    bench.add_argument("--steps", type=positive(int), default=20, help="train steps per measurement")
-    bench.add_argument("--warmup", type=positive(int), default=10, help="train steps before each measurement (they pay for start-up and compilation)")
-    bench.add_argument("--compile", type=compile_modes, default="default", help="step: compile modes to compare with eager, comma-separated")
+    measured = argparse.ArgumentParser(add_help=False)
+    measured.add_argument("--config", action=Once, help="YAML run config (default: the built-in one)")
+    measured.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    measured.add_argument("--steps", type=positive(int), default=20, help="train steps per measurement (default %(default)s)")
+    measured.add_argument("--warmup", type=positive(int), default=10, help="train steps before each measurement, which pay for start-up and compilation (default %(default)s)")
+    bench = commands.add_parser("bench", help="measure a part of the system").add_subparsers(dest="what", required=True)
+    data = bench.add_parser("data", parents=[measured],
+                            help="loader tokens/s beside the train step's")
+    data.add_argument("--seconds", type=positive(float), default=10.0, help="seconds the loader is measured for (default %(default)s)")
+    step = bench.add_parser("step", parents=[measured],
+                            help="ms per train step: torch.compile'd core calls against eager")
+    step.add_argument("--compile", type=compile_modes, default="default", help="compile modes to compare with eager, comma-separated (default %(default)s)")
+    pipeline = bench.add_parser("pipeline", parents=[measured],
+                                help="seconds per step by pipeline micro-batches (under a launcher, parallel.pipeline > 1)")
+    pipeline.add_argument("--micro-batches", type=positive_ints, default=[1, 2, 4], help="micro-batch counts to compare, the first the baseline (default 1,2,4)")
 
     reproduce = commands.add_parser("reproduce", help="rerun an experiment of the paper")
     reproduce.add_argument("experiment", choices=["tracking"])

@@ -348,7 +348,10 @@ def test_bad_paths_and_arguments_are_refused_before_any_work(tmp_path):
         ("bench", "step", "--compile", "default,bogus"): "'bogus' is not one of none, default",
         ("bench", "pipeline", "--micro-batches", "1,x"): "argument --micro-batches: expected comma-separated integers",
         ("bench", "pipeline", "--micro-batches", "2,0"): "argument --micro-batches: every count must be > 0",
-        ("bench", "pipeline", "--micro-batches", "1,3", *data): "--micro-batches: 3 micro-batches do not divide the 32 lanes of each data-parallel rank",
+        ("bench", "pipeline", "--micro-batches", "1,3", "--set", "parallel.pipeline=2", *data):
+            "--micro-batches: 3 micro-batches do not divide the 32 lanes of each data-parallel rank",
+        ("bench", "pipeline", *data): "parallel.pipeline: 1 stage; bench pipeline compares micro-batch counts of a pipeline",
+        ("bench", "data", "--compile", "default"): "unrecognized arguments: --compile default",  # a step option
         ("train", "--config", str(binary), *data): f"config file {binary}: not UTF-8 text",
         ("reproduce", "tracking", "--steps-scale", "-1"): "argument --steps-scale: must be > 0",
         ("reproduce", "tracking", "--fit-minutes", "0"): "argument --fit-minutes: must be > 0",
