@@ -63,7 +63,7 @@ class Budget:
 
 
 # The quick curriculum stops at walks of 128 tokens, though its test walks are 256 tokens long. In
-# the CPU trials (docs/reproducing.md) a stage on longer walks with the true labels first undid the
+# the CPU trials (docs/recipe_trials.md) a stage on longer walks with the true labels first undid the
 # tracking and at best won it back, while the same steps spent on walks of up to 128 tokens made
 # the model slip less on 256-token test walks at three seeds.
 QUICK = Budget(
@@ -89,7 +89,7 @@ QUICK = Budget(
 # error on long walks swings by ten points and more between nearby checkpoints). On the CPU it
 # scored 4.06% on 1,024-token test walks at seed 0 (36-46% at seeds 1 and 2); the earlier full
 # recipe, which read as many walks in 6,000 steps of 128 lanes, stayed at 22-23% at seeds 0 and 1
-# (docs/reproducing.md): steps, not lanes, are what the third stage needs. Its 33,000 steps fit a
+# (docs/recipe_trials.md): steps, not lanes, are what the third stage needs. Its 33,000 steps fit a
 # GPU's 10 minutes only at 18 ms per step (--fit-minutes scales them down to what the machine
 # measured). The baselines only have to show where their reach ends; the algorithmic runs keep 128
 # lanes. Two runs at a time: a launch-bound step leaves the GPU idle most of the time.

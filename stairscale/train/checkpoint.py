@@ -46,7 +46,7 @@ def load_checkpoint(run_dir: str | Path, name: str = CHECKPOINT) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"checkpoint {path} has no 'model' entry of named tensors: not a stairscale checkpoint")
-    # Checkpoints written before 2026-11-29 have no digest.
+    # (Checkpoints from before digests were recorded have none.)
     if "model_sha256" in payload and payload.pop("model_sha256") != weights_digest(payload["model"]):
         raise CheckpointError(f"checkpoint {path} is corrupt: its weights do not match the digest written with them")
     return payload
