@@ -153,6 +153,7 @@ class TaskConfig:
         need(self.tokenizer in ("bytes", "bpe"), "tokenizer", f"{self.tokenizer!r} is not bytes or bpe")
         need(self.tokenizer != "bpe" or self.name == "text", "tokenizer", "bpe is for the text task only")
         need(self.bpe_vocab >= 300, "bpe_vocab", f"{self.bpe_vocab} is too small (the byte alphabet alone is 256)")
+        need(self.bpe_vocab <= 1_048_576, "bpe_vocab", f"{self.bpe_vocab:,} is too large (at most 1,048,576)")
         need(0.0 <= self.train_length_spread < 1.0, "train_length_spread", "must be in [0, 1)")
         need(self.name != "algorithmic" or self.eval_docs <= ALGORITHMIC_EVAL_PROGRAMS, "eval_docs",
              f"the algorithmic task has {ALGORITHMIC_EVAL_PROGRAMS} validation and test programs, got {self.eval_docs}")
@@ -254,7 +255,7 @@ class ParallelConfig:
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         need(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")
         need(self.backend in ("auto", "gloo", "nccl"), "backend", f"{self.backend!r} is not auto, gloo or nccl")
-        need(math.isfinite(self.timeout_minutes) and self.timeout_minutes >= 0, "timeout_minutes", f"must be >= 0, got {self.timeout_minutes}")
+        need(0 <= self.timeout_minutes <= 1e6, "timeout_minutes", f"must be >= 0 and at most 1e6 (about two years), got {self.timeout_minutes}")
         need(model.n_heads % self.tensor == 0, "tensor", f"{self.tensor} does not divide model.n_heads={model.n_heads}")
         need(model.d_ff % self.tensor == 0, "tensor", f"{self.tensor} does not divide model.d_ff={model.d_ff}")
         need(self.pipeline <= model.n_layers, "pipeline", f"{self.pipeline} stages for model.n_layers={model.n_layers} layers")
@@ -326,6 +327,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+INT_LIMIT = 2**31
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from nested dicts, rejecting unknown keys and wrong types."""
     if data is None and prefix:  # an empty section in YAML
@@ -364,6 +368,8 @@ def _coerce(hint, value, key: str):
     is_bool_for_number = isinstance(value, bool) and hint is not bool
     if not isinstance(value, hint) or is_bool_for_number:
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    if hint is int and abs(value) >= INT_LIMIT:  # torch and the C libraries below take 32-bit counts and sizes
+        raise ConfigError(f"{key}: {value} is out of range (at most {INT_LIMIT - 1:,})")
     return value
 
 

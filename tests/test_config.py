@@ -69,6 +69,11 @@ def test_overrides_are_typed():
         (["train.keep_best=true", "train.eval_every=0"], "train.keep_best"),  # nothing to choose from
         (["train.keep_best=true", "train.eval_every=2000"], "train.keep_best"),  # validated at the end only
         (["train.steps=[1"], "train.steps"),  # not valid YAML
+        (["train.seed=18446744073709551616"], "train.seed: 18446744073709551616 is out of range"),  # torch.manual_seed overflowed
+        (["model.attn_lim=4294967296"], "model.attn_lim: 4294967296 is out of range"),
+        (["task.name=text", "task.tokenizer=bpe", "task.bpe_vocab=2000000"], "task.bpe_vocab: 2,000,000 is too large"),
+        (["parallel.timeout_minutes=1e13"], "parallel.timeout_minutes"),  # a timedelta overflowed
+        (["parallel.timeout_minutes=.nan"], "parallel.timeout_minutes"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from stairscale.bench import bench_data, bench_step
 from stairscale.config import load_config
 from stairscale.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from stairscale.model.core import call_shapes_bound
 from stairscale.train.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
 from stairscale.train.scoring import evaluate_run
 from stairscale.train.trainer import Trainer, evaluate, learning_rate, make_loader, reach
@@ -188,6 +189,25 @@ def test_compiled_training_matches_eager(tmp_path, tiny):
     assert_same_steps(runs["default"]["steps"], runs["none"]["steps"], rel=1e-5)
     assert (weights["default"] - weights["none"]).abs().max() < 1e-5
     assert runs["default"]["test"]["loss"] == pytest.approx(runs["none"]["test"]["loss"], rel=1e-5)
+
+
+def test_compiled_calls_may_take_every_shape_a_filling_cache_makes(tmp_path, tiny):
+    """train.compile fails rather than fall back to eager when a core call has more shapes than
+    the recompile limit it sets: a cache of 64 rows filled a chunk of 1 at a time, in training and
+    in evaluation, must fit under it (counted in an eager run, as dynamo tells shapes apart)."""
+    cfg = tiny(tmp_path, "train.steps=6", "train.eval_every=0", "model.schedule=global_cached", "model.chunk=1",
+               "model.window=1", "model.cache_len=64", "model.attn_lim=65", "task.eval_length=128")
+    trainer = Trainer(cfg, quiet=True)
+    core, shapes = trainer.model.core, set()
+    run_layers = core.run_layers
+
+    def recorded(x, pos, doc, context):
+        shapes.add((x.shape, pos.shape, doc.shape, None if context is None else context.h.shape, torch.is_grad_enabled()))
+        return run_layers(x, pos, doc, context)
+
+    core.run_layers = recorded
+    trainer.train()
+    assert 64 * 2 < len(shapes) <= call_shapes_bound(cfg.model)  # (64 + 64 were too few)
 
 
 def test_compile_is_refused_where_it_is_untested(tmp_path, tiny):

@@ -132,6 +132,14 @@ class CoreLayer(nn.Module):
         return h + self.ffn(self.norm2(h))
 
 
+def call_shapes_bound(cfg: ModelConfig) -> int:
+    """At least how many shapes of core call a run makes: calls differ in rows and context (a
+    stream's first steps, drain steps), lanes (training, evaluation) and grad mode, a few dozen
+    kinds, for which 64 leaves room; a filling cache makes one more shape per chunk it holds, in
+    each kind of call that reads it."""
+    return 64 + 4 * (cfg.cache_len // cfg.chunk + 1)
+
+
 class Core(nn.Module):
     """The core's layers, keyed by their global index: a pipeline stage holds a range of them
     (`layers`) under the same names as the single-device model."""
@@ -151,11 +159,7 @@ class Core(nn.Module):
         """Compile what one core call computes, one graph for each shape of call a schedule makes
         (a handful per segment). Meant for the GPU, where an eager call is a hundred-odd small
         kernel launches (docs/benchmarks.md: measured on the CPU only so far)."""
-        # Calls differ in rows and context (a stream's first steps, drain steps), lanes (training,
-        # evaluation) and grad mode: a few dozen graphs, for which 64 leaves room. A filling cache
-        # makes one more shape per chunk it holds.
-        shapes = 64 + self.cfg.cache_len // self.cfg.chunk
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, call_shapes_bound(self.cfg))
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager in silence
         compiled = torch.compile(self._layers, mode=mode, backend=backend, fullgraph=True, dynamic=False)
         if mode == "reduce-overhead":
