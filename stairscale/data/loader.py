@@ -68,7 +68,8 @@ def check_a_shard_per_lane(root: str, split: str, shards: list[Shard], lanes: in
         raise DataError(
             f"dataset {root}: split {split} has {len(shards)} shards ({documents} documents) for {lanes} lanes; a lane "
             "reads whole shards, so some lanes would train on padding only. Prepare it again, into a new directory, with "
-            "this run's train.lanes and data.shard_docs 0 (a shard per lane, given enough documents), or use fewer lanes"
+            "this run's train.lanes and data.shard_docs 0 (a shard per lane, given at least as many documents as lanes: "
+            "task.train_docs for the random walk), or use fewer lanes"
         )
 
 
