@@ -25,6 +25,14 @@ def positive(kind):
     return parse
 
 
+def seed(text: str) -> int:
+    """An argparse type: a train.seed (checked as the config checks it, before any work)."""
+    try:
+        return load_config(None, [f"train.seed={text}"]).train.seed
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def positive_ints(text: str) -> list[int]:
     """An argparse type: comma-separated integers above 0, such as 1,2,4."""
     try:
@@ -79,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     measured.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     measured.add_argument("--steps", type=positive(int), default=20, help="train steps per measurement (default %(default)s)")
     measured.add_argument("--warmup", type=positive(int), default=10, help="train steps before each measurement, which pay for start-up and compilation (default %(default)s)")
-    bench = commands.add_parser("bench", help="measure a part of the system").add_subparsers(dest="what", required=True)
+    bench = commands.add_parser("bench", help="measure a part of the system").add_subparsers(
+        dest="what", required=True, metavar="{data,step,pipeline}")
     data = bench.add_parser("data", parents=[measured],
                             help="loader tokens/s beside the train step's")
     data.add_argument("--seconds", type=positive(float), default=10.0, help="seconds the loader is measured for (default %(default)s)")
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("--steps-scale", type=positive(float), default=1.0, help="multiply every run's steps, stage boundaries and warm-up (slower/faster machines)")
     reproduce.add_argument("--fit-minutes", type=positive(float), help="measure the models' steps here and scale the runs to this many minutes")
     reproduce.add_argument("--compile", default="none", choices=COMPILE_MODES, help="train.compile of every run")
-    reproduce.add_argument("--seed", type=int, default=0, help="train.seed of every run (the results depend on it: docs/reproducing.md)")
+    reproduce.add_argument("--seed", type=seed, default=0, help="train.seed of every run (the results depend on it: docs/reproducing.md)")
 
     args = parser.parse_args(argv)
     try:

@@ -314,7 +314,7 @@ class RunConfig:
             what = f"the shortest curriculum stage ({shortest} steps; train.lr_restarts warms up every stage)" if restarts \
                 else f"the run (train.steps={self.train.steps})"
             raise ConfigError(f"train.warmup_steps: {self.train.warmup_steps} is not shorter than {what}: the learning "
-                              f"rate would never reach its peak, nor decay; set a shorter one (--set train.warmup_steps={shortest // 10})")
+                              f"rate would never reach its peak, nor decay; set a shorter one (--set train.warmup_steps={max(1, shortest // 10)})")
 
     def _check_text_source(self) -> None:
         path = Path(self.task.path).expanduser() if self.task.path else Path(sysconfig.get_paths()["stdlib"])
@@ -328,6 +328,7 @@ class RunConfig:
 
 
 INT_LIMIT = 2**31
+SEED_LIMIT = 2**63  # seeds: torch.manual_seed takes 64 bits, and each rank adds its rank
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -368,8 +369,9 @@ def _coerce(hint, value, key: str):
     is_bool_for_number = isinstance(value, bool) and hint is not bool
     if not isinstance(value, hint) or is_bool_for_number:
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
-    if hint is int and abs(value) >= INT_LIMIT:  # torch and the C libraries below take 32-bit counts and sizes
-        raise ConfigError(f"{key}: {value} is out of range (at most {INT_LIMIT - 1:,})")
+    limit = SEED_LIMIT if key.endswith(".seed") else INT_LIMIT  # torch and the C libraries below take 32-bit counts and sizes
+    if hint is int and abs(value) >= limit:
+        raise ConfigError(f"{key}: {value} is out of range (its size must be below {limit:,})")
     return value
 
 

@@ -65,11 +65,14 @@ def test_overrides_are_typed():
         (["train.weight_decay=-0.1"], "train.weight_decay"),
         (["train.min_lr_ratio=2"], "train.min_lr_ratio"),
         (["train.steps=100"], "train.warmup_steps"),  # 200 steps of warm-up: the peak is never reached
+        (["train.steps=5", "train.warmup_steps=5"], "train.warmup_steps: 5 is not shorter than the run (train.steps=5): the "
+         "learning rate would never reach its peak, nor decay; set a shorter one (--set train.warmup_steps=1)"),
         (["train.lr_restarts=true", "task.train_lengths=[64,128,256]", "task.train_length_steps=[0,100,1100]"], "train.warmup_steps"),  # nor a stage of 100
         (["train.keep_best=true", "train.eval_every=0"], "train.keep_best"),  # nothing to choose from
         (["train.keep_best=true", "train.eval_every=2000"], "train.keep_best"),  # validated at the end only
         (["train.steps=[1"], "train.steps"),  # not valid YAML
         (["train.seed=18446744073709551616"], "train.seed: 18446744073709551616 is out of range"),  # torch.manual_seed overflowed
+        (["train.threads=4294967296"], "train.threads: 4294967296 is out of range (its size must be below 2,147,483,648)"),
         (["model.attn_lim=4294967296"], "model.attn_lim: 4294967296 is out of range"),
         (["task.name=text", "task.tokenizer=bpe", "task.bpe_vocab=2000000"], "task.bpe_vocab: 2,000,000 is too large"),
         (["parallel.timeout_minutes=1e13"], "parallel.timeout_minutes"),  # a timedelta overflowed

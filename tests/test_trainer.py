@@ -208,6 +208,9 @@ def test_compiled_calls_may_take_every_shape_a_filling_cache_makes(tmp_path, tin
     core.run_layers = recorded
     trainer.train()
     assert 64 * 2 < len(shapes) <= call_shapes_bound(cfg.model)  # (64 + 64 were too few)
+    core.compile_calls(backend="eager")  # both of dynamo's limits are raised to the bound
+    limits = torch._dynamo.config
+    assert min(limits.recompile_limit, limits.accumulated_recompile_limit) >= call_shapes_bound(cfg.model)
 
 
 def test_compile_is_refused_where_it_is_untested(tmp_path, tiny):
@@ -260,10 +263,13 @@ def test_cli_train_then_eval_agree(tmp_path, cache):
     trained = subprocess.run(cmd + ["train"] + [a for o in overrides for a in ("--set", o)], capture_output=True, text=True)
     assert trained.returncode == 0, trained.stderr
     assert "test: error" in trained.stdout and "ETA" in trained.stdout
+    assert "  valid at step 3: error" in trained.stdout and " targets in " in trained.stdout
+    assert f"in {run}: results.json, checkpoint.pt, config.yaml, tensorboard/" in trained.stdout
     scored = subprocess.run(cmd + ["eval", "--run", str(run)], capture_output=True, text=True)
     assert scored.returncode == 0, scored.stderr
     result = json.loads(scored.stdout)
     expected = json.loads((run / "results.json").read_text())["test"]
+    assert f"test: error {expected['error']:.2f}%" in scored.stderr  # a summary beside the JSON
     assert result["error"] == pytest.approx(expected["error"], abs=1e-9)
     assert result["loss"] == pytest.approx(expected["loss"], rel=1e-9)  # the error alone barely moves after 3 steps
     # Bad input: a clear message naming the key or the file, no traceback.
@@ -657,9 +663,9 @@ def test_a_run_file_that_cannot_be_written_is_named(tmp_path, cache):
 
 
 def test_eval_batches_caps_the_validations_and_never_the_test(tmp_path, tiny):
-    whole = Trainer(tiny(tmp_path / "whole", "train.steps=2"), quiet=True).train()
-    capped = Trainer(tiny(tmp_path / "capped", "train.steps=2", "train.eval_batches=1"), quiet=True).train()
+    whole = Trainer(tiny(tmp_path / "whole", "train.steps=6"), quiet=True).train()
+    capped = Trainer(tiny(tmp_path / "capped", "train.steps=6", "train.eval_batches=1"), quiet=True).train()
     lanes, segment = 4, 16  # TINY's
     assert 0 < capped["valid"]["targets"] <= lanes * segment < whole["valid"]["targets"]
     assert capped["test"] == whole["test"]
-    assert [point["valid_targets"] for point in capped["curve"]] == [capped["valid"]["targets"]] * len(capped["curve"])
+    assert [point["valid_targets"] for point in capped["curve"]] == [capped["valid"]["targets"]] * 2  # steps 3 and 6

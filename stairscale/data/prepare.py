@@ -187,13 +187,10 @@ def check_prepared_for(root: Path, task: TaskConfig) -> None:
     differ = [key for key, value in wanted.items() if key in source and source[key] != value]
     if differ:
         what = ", ".join(f"task.{key} {source[key]!r} (the run: {wanted[key]!r})" for key in differ)
-        as_prepared = " ".join(f"--set {shlex.quote(f'task.{key}={_yaml_value(source[key])}')}" for key in differ)
+        as_prepared = " ".join(f"--set {shlex.quote(f'task.{key}={json.dumps(source[key])}')}" for key in differ)  # JSON is YAML
         raise ConfigError(f"data.dir: {root} was prepared with {what}; set the run's task keys as they were "
                           f"prepared ({as_prepared}), or leave data.dir empty (--set data.dir=) to prepare the task's own dataset")
 
-
-def _yaml_value(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _to_stderr(message: str) -> None:

@@ -133,11 +133,12 @@ class CoreLayer(nn.Module):
 
 
 def call_shapes_bound(cfg: ModelConfig) -> int:
-    """At least how many shapes of core call a run makes: calls differ in rows and context (a
-    stream's first steps, drain steps), lanes (training, evaluation) and grad mode, a few dozen
-    kinds, for which 64 leaves room; a filling cache makes one more shape per chunk it holds, in
-    each kind of call that reads it."""
-    return 64 + 4 * (cfg.cache_len // cfg.chunk + 1)
+    """How many shapes of core call a run may make, at most (torch.compile's recompile limit):
+    calls differ in rows and context (a stream's first steps, drain steps), lanes (training,
+    evaluation) and grad mode, a few dozen kinds, for which 64 leaves room; a filling cache or
+    layer memory makes one more shape per chunk it holds (a segment is whole chunks), in each
+    kind of call that reads it."""
+    return 64 + 4 * ((cfg.cache_len + cfg.mem_len) // cfg.chunk + 1)
 
 
 class Core(nn.Module):
@@ -159,7 +160,9 @@ class Core(nn.Module):
         """Compile what one core call computes, one graph for each shape of call a schedule makes
         (a handful per segment). Meant for the GPU, where an eager call is a hundred-odd small
         kernel launches (docs/benchmarks.md: measured on the CPU only so far)."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, call_shapes_bound(self.cfg))
+        limits = torch._dynamo.config
+        limits.recompile_limit = max(limits.recompile_limit, call_shapes_bound(self.cfg))
+        limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, call_shapes_bound(self.cfg))
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager in silence
         compiled = torch.compile(self._layers, mode=mode, backend=backend, fullgraph=True, dynamic=False)
         if mode == "reduce-overhead":
