@@ -181,6 +181,17 @@ def test_every_variant_under_tensor_and_pipeline_parallel(layout, config, single
         assert_same_training(got[name], single[name.removesuffix("_4_micro")], f"{layout} {name}")
 
 
+def test_dropout_under_tensor_parallel_keeps_the_replicated_weights_equal(config, tmp_path):
+    """Each rank draws its own dropout masks (seed + rank), which is right only where activations
+    are sharded (attention heads, the FFN's hidden units): a mask on a replicated activation would
+    give the tensor ranks different gradients for the weights they all hold whole, and those would
+    part. No single-process run draws the same masks, so the check is that they stay equal."""
+    dropout = ["parallel.tensor=2", "model.dropout=0.2", "model.attn_dropout=0.2"]
+    launch_runs(2, config, tmp_path, {"dropout": dropout})
+    records = [json.loads((tmp_path / "dropout" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0]["replicated_sha256"] == records[1]["replicated_sha256"]
+
+
 def test_zero_in_one_process_started_without_a_launcher(config, single, tmp_path):
     """ZeRO needs DeepSpeed even in one process, where no launcher set LOCAL_RANK; with bf16
     autocast, the engine is configured to keep it (on a GPU its forward would turn it off)."""

@@ -21,6 +21,7 @@ from stairscale.config import load_config
 from stairscale.errors import TrainingDiverged
 from stairscale.model.lm import StaircaseLM
 from stairscale.parallel.groups import shutdown
+from stairscale.train.checkpoint import weights_digest
 from stairscale.train.trainer import Trainer
 
 
@@ -50,6 +51,9 @@ def train_and_record(trainer: Trainer, run_dir: Path) -> None:
         # weights, whose partition is the partition of the optimizer state (ZeRO 1-3).
         "held_param_numel": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
         "held_master_numel": sum(t.numel() for t in master_weight_partitions(engine)) if engine else None,
+        # Parameters every tensor-parallel rank holds whole (layer norms, row-parallel biases): equal on every rank
+        "replicated_sha256": weights_digest({name: p.detach().cpu() for name, p in trainer.model.named_parameters()
+                                             if not getattr(p, "tensor_model_parallel", False) and not hasattr(p, "ds_id")}),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"rank{trainer.layout.rank}.json").write_text(json.dumps(record))
