@@ -192,7 +192,6 @@ def check_prepared_for(root: Path, task: TaskConfig) -> None:
                           f"prepared ({as_prepared}), or leave data.dir empty (--set data.dir=) to prepare the task's own dataset")
 
 
-
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

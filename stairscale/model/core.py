@@ -160,10 +160,10 @@ class Core(nn.Module):
         """Compile what one core call computes, one graph for each shape of call a schedule makes
         (a handful per segment). Meant for the GPU, where an eager call is a hundred-odd small
         kernel launches (docs/benchmarks.md: measured on the CPU only so far)."""
-        limits = torch._dynamo.config
-        limits.recompile_limit = max(limits.recompile_limit, call_shapes_bound(self.cfg))
-        limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, call_shapes_bound(self.cfg))
-        torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager in silence
+        limits, shapes = torch._dynamo.config, call_shapes_bound(self.cfg)
+        limits.recompile_limit = max(limits.recompile_limit, shapes)
+        limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, shapes)
+        limits.fail_on_recompile_limit_hit = True  # never fall back to eager in silence
         compiled = torch.compile(self._layers, mode=mode, backend=backend, fullgraph=True, dynamic=False)
         if mode == "reduce-overhead":
             # CUDA graphs replay into the same output memory and free a generation's outputs when

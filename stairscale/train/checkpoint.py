@@ -16,6 +16,7 @@ from stairscale.files import put_in_place
 CHECKPOINT = "checkpoint.pt"  # the weights at the end of the run
 BEST = "best.pt"  # train.keep_best: the weights of the best validation
 RESULTS = "results.json"
+RUN_OUTPUTS = (CHECKPOINT, BEST, RESULTS)  # what a run writes besides its config and curves
 
 
 def save_checkpoint(run_dir: str | Path, payload: dict, name: str = CHECKPOINT) -> Path:
@@ -66,7 +67,7 @@ NOT_THE_RUN = ("run_dir", "data.cache", "data.workers", "data.prefetch", "train.
 
 
 def holds_a_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in (CHECKPOINT, BEST, RESULTS))
+    return any((run_dir / name).exists() for name in RUN_OUTPUTS)
 
 
 def refuse_another_run(cfg: RunConfig) -> None:

@@ -50,9 +50,9 @@ def check_model_config(recorded: dict | None, cfg: RunConfig, path: Path) -> Non
     written before the model was recorded are not checked."""
     if recorded is None:
         return
-    now, default = dataclasses.asdict(cfg.model), dataclasses.asdict(ModelConfig())
-    changed = [f"model.{key} {recorded.get(key, default[key])!r} -> {value!r}" for key, value in now.items()
-               if key not in NOT_THE_MODEL and recorded.get(key, default[key]) != value]
+    was = {**dataclasses.asdict(ModelConfig()), **recorded}
+    changed = [f"model.{key} {was[key]!r} -> {value!r}" for key, value in dataclasses.asdict(cfg.model).items()
+               if key not in NOT_THE_MODEL and was[key] != value]
     if changed:
         raise CheckpointError(f"checkpoint {path} was trained as another model than its run's config.yaml describes ({', '.join(changed)})")
 

@@ -33,7 +33,7 @@ from stairscale.parallel import collectives
 from stairscale.parallel.groups import Layout, check_layout, init_distributed
 from stairscale.parallel.model import build_model, full_state_dict
 from stairscale.train.carried_offset import CarriedOffset
-from stairscale.train.checkpoint import BEST, CHECKPOINT, RESULTS, refuse_another_run, save_checkpoint
+from stairscale.train.checkpoint import BEST, CHECKPOINT, RESULTS, RUN_OUTPUTS, refuse_another_run, save_checkpoint
 from stairscale.train.metrics import Tally, headline
 from stairscale.train.engine import build_engine
 
@@ -218,9 +218,9 @@ class Trainer:
         """The same config run again in its directory replaces the run there: the earlier run's
         weights, results and curves move to replaced-N/, so the two never mix, even if this one
         stops early (TensorBoard shows the earlier curves as a run of their own)."""
-        outputs = [self.run_dir / name for name in (CHECKPOINT, BEST, RESULTS)]
+        outputs = [self.run_dir / name for name in RUN_OUTPUTS if (self.run_dir / name).exists()]
         curves = sorted(self.run_dir.glob("tensorboard/events.out.tfevents.*")) + sorted(self.run_dir.glob("tensorboard/replaced-*"))
-        earlier = [path for path in outputs if path.exists()] + curves
+        earlier = outputs + curves
         if not earlier:
             return
         aside = next(self.run_dir / f"replaced-{n}" for n in itertools.count(1) if not (self.run_dir / f"replaced-{n}").exists())
