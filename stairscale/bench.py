@@ -132,10 +132,10 @@ def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int, warmup:
         with StepTimer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count))) as timer:
             seconds = timer.seconds_per_step(steps, warmup)
             runner = getattr(timer.trainer.model, "runner", None)
-            layout = timer.trainer.layout
+            layout, timed = timer.trainer.layout, timer.trainer.cfg.train.grad_accum
         calls = runner.schedule.count(cfg.train.segment_len) if runner else 1
-        slots = len(schedule(cfg.parallel.pipeline, count, calls).slots) / count  # in units of one micro-batch's action
-        rows.append({"micro_batches": count, "seconds_per_step": seconds, "model_slots": slots, "layout": layout})
+        slots = len(schedule(cfg.parallel.pipeline, timed, calls).slots) / timed  # in units of one micro-batch's action
+        rows.append({"micro_batches": timed, "seconds_per_step": seconds, "model_slots": slots, "layout": layout})
     base = rows[0]
     if not base["layout"].reports:
         return None

@@ -112,3 +112,21 @@ def test_perplexity_of_a_diverging_text_run_is_infinite_not_an_overflow():
     tally.add(Scores(torch.full((1, 2), 800.0), torch.zeros(1, 2, dtype=torch.long)), targets, torch.arange(2)[None])
     summary = tally.summary()
     assert summary["loss"] == 800.0 and summary["perplexity"] == math.inf
+
+
+def test_bits_per_byte_and_perplexity_follow_from_the_loss_in_nats():
+    tally = Tally(labelled=False, byte_level=True)
+    targets = torch.zeros(1, 4, dtype=torch.long)
+    tally.add(Scores(torch.full((1, 4), math.log(2)), torch.zeros(1, 4, dtype=torch.long)), targets, torch.arange(4)[None])
+    summary = tally.summary()  # ln 2 nats per byte: one bit per byte, perplexity 2
+    assert summary["loss"] == pytest.approx(math.log(2)) and summary["targets"] == 4
+    assert summary["bpb"] == pytest.approx(1.0) and summary["perplexity"] == pytest.approx(2.0)
+
+
+def test_a_tally_that_counted_no_target_reports_nothing_measured_not_zero_error():
+    tally = Tally(labelled=True, byte_level=False)
+    tally.add(Scores(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.long)), torch.full((1, 3), IGNORE), torch.arange(3)[None])
+    summary = tally.summary()
+    assert summary["targets"] == 0 and math.isnan(summary["loss"]) and math.isnan(summary["error"])
+    text = Tally(labelled=False, byte_level=True).summary()
+    assert math.isnan(text["bpb"]) and math.isnan(text["perplexity"])

@@ -242,6 +242,7 @@ def test_causality(positions):
         hook = model.embed.register_forward_hook(capture)
         logprobs, _ = model.logprobs(tokens, starts, RecurrentState.initial(1))
         hook.remove()
+        assert len(captured) == 1 and captured[0].shape[1] == 16  # one embedding of the whole stream: every input seen
         for t in range(16):
             (grad,) = torch.autograd.grad(logprobs[0, t].max(), captured[0], retain_graph=True)
             assert grad[0, t + 1 :].abs().sum() == 0, (name, t)

@@ -9,6 +9,7 @@ launch/ are tested with one run each.
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -45,6 +46,8 @@ VARIANTS = {  # every schedule, and the training options that change what a rank
     "transformer": ["model.schedule=transformer"],
     "transformer_xl": ["model.schedule=transformer_xl", "model.mem_len=8"],
     "cached_relative": ["model.schedule=cached", "model.cache_len=8", "model.positions=relative"],
+    # segments shorter than the carried window (M 4 < (n - 1) F = 8): older incoming rows carried on
+    "short_segments": ["model.window=3", "train.segment_len=4"],
     # long walks and a high learning rate, so that labels are shifted from step 3 on
     "carried_offset": ["train.carried_offset_stages=[0]", "task.train_lengths=[64]", "train.lr=0.05"],
 }
@@ -121,6 +124,8 @@ def assert_layout_applied(run_dir: Path, ranks: int, cfg) -> None:
             assert record["zero_stage"] == p.zero_stage, record["zero_stage"]
             assert_holds_share(master, model, dp if p.zero_stage >= 1 else 1, "master weights")
         assert_tensor_shards(record["shapes"], record["full_shapes"], p.tensor)
+        # Activation checkpointing recomputes the layers in backward, and nothing else does.
+        assert (record["layer_calls_in_backward"] > 0) == cfg.model.activation_checkpointing, record["layer_calls_in_backward"]
     if p.pipeline > 1:
         layers = [{name.split(".")[2] for name in r["shapes"] if name.startswith("core.layers.")} for r in records]
         assert all(len(held) == cfg.model.n_layers // p.pipeline for held in layers), layers
@@ -181,14 +186,16 @@ def test_every_variant_under_tensor_and_pipeline_parallel(layout, config, single
         assert_same_training(got[name], single[name.removesuffix("_4_micro")], f"{layout} {name}")
 
 
-def test_dropout_under_tensor_parallel_keeps_the_replicated_weights_equal(config, tmp_path):
+def test_dropout_under_tensor_parallel_keeps_the_replicated_weights_equal(config, single, tmp_path):
     """Each rank draws its own dropout masks (seed + rank), which is right only where activations
     are sharded (attention heads, the FFN's hidden units): a mask on a replicated activation would
     give the tensor ranks different gradients for the weights they all hold whole, and those would
     part. No single-process run draws the same masks, so the check is that they stay equal."""
     dropout = ["parallel.tensor=2", "model.dropout=0.2", "model.attn_dropout=0.2"]
-    launch_runs(2, config, tmp_path, {"dropout": dropout})
+    got = launch_runs(2, config, tmp_path, {"dropout": dropout})
     records = [json.loads((tmp_path / "dropout" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0]["dropout_seed"] != records[1]["dropout_seed"]
+    assert got["dropout"][0][0]["loss"] != single["staircase"][0][0]["loss"]  # the masks did act
     assert records[0]["replicated_sha256"] == records[1]["replicated_sha256"]
 
 
@@ -321,7 +328,9 @@ def test_launchers_run_a_layout_from_the_config_and_record_it(launcher, config, 
         done = subprocess.run([str(ROOT / script), *args], capture_output=True, text=True, env=variables, timeout=900, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-6000:]
     layout = json.loads((tmp_path / "run" / "layout.json").read_text())
+    p = load_config(config, overrides).parallel
     assert layout["launcher"] == launcher and layout["world"] == 2
+    assert (layout["tp"], layout["pp"], layout["dp"]) == (p.tensor, p.pipeline, 2 // (p.tensor * p.pipeline)), layout
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["parallel"] == load_config(config, overrides).to_dict()["parallel"]
     assert_same_training(read_run(tmp_path / "run"), single["staircase"], f"{launcher} {' '.join(overrides)}")
     # The parallel run's own test score equals one process scoring its gathered checkpoint.
@@ -412,7 +421,10 @@ def test_pipeline_benchmark_compares_micro_batch_counts(config, tmp_path):
                           capture_output=True, text=True, env=env(), timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("micro-batches")]
-    assert len(lines) == 2 and "unit-time model 1.00x" in lines[0] and "unit-time model 1.82x" in lines[1]  # S = 5 calls: 20 slots vs 22/2, done.stdout
+    # Each row names the micro-batches its trainer ran: S = 5 calls, 20 slots vs 22/2.
+    assert [line.split(":")[0] for line in lines] == ["micro-batches 1", "micro-batches 2"], done.stdout
+    assert "unit-time model 1.00x" in lines[0] and "unit-time model 1.82x" in lines[1], done.stdout
+    assert all(0 < float(line.split(": ")[1].split(" ms/step")[0]) < math.inf for line in lines), done.stdout
 
 
 def test_unsupported_layouts_are_refused_with_the_reason(config):

@@ -106,12 +106,13 @@ class Tally:
         return 100.0 * errors / count if count else float("nan")
 
     def summary(self) -> dict[str, float]:
-        loss = self.nll / max(self.count, 1)
+        """Loss and the task's metric; NaN where no target was counted (nothing was measured)."""
+        loss = self.nll / self.count if self.count else float("nan")
         out = {"loss": loss, "targets": self.count}
         if self.labelled:
-            out["error"] = 100.0 * self.errors / max(self.count, 1)
+            out["error"] = self.error_from(0)
         else:
-            out["perplexity"] = math.exp(loss) if loss < 709 else math.inf  # exp overflows a float beyond 709.78
+            out["perplexity"] = math.inf if loss > 709 else math.exp(loss)  # exp overflows a float beyond 709.78
             if self.byte_level:
                 out["bpb"] = loss / math.log(2)
         return out

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from stairscale.config import load_config
 from stairscale.errors import TrainingDiverged
+from stairscale.model.core import CoreLayer
 from stairscale.model.lm import StaircaseLM
 from stairscale.parallel.groups import shutdown
 from stairscale.train.checkpoint import weights_digest
@@ -34,7 +35,8 @@ def train_and_record(trainer: Trainer, run_dir: Path) -> None:
         return train_step(batch, *args)
 
     trainer.train_step = observed_step
-    trainer.train()
+    with LayerCallsInBackward(trainer.model) as recomputed:
+        trainer.train()
     engine = getattr(trainer.engine, "deepspeed", None)
     params = list(trainer.model.parameters())
     with torch.device("meta"):
@@ -46,6 +48,8 @@ def train_and_record(trainer: Trainer, run_dir: Path) -> None:
         "shapes": {name: list(getattr(p, "ds_shape", p.shape)) for name, p in trainer.model.named_parameters()},
         "full_shapes": {name: list(p.shape) for name, p in full.named_parameters()},  # the single-device model's
         "zero_stage": engine.zero_optimization_stage() if engine else None,
+        "dropout_seed": torch.initial_seed(),  # what this rank's dropout masks are drawn from
+        "layer_calls_in_backward": recomputed.calls,  # activation checkpointing's recomputation
         "model_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         # What this rank stores: its partition of the parameters (ZeRO-3) and of the fp32 master
         # weights, whose partition is the partition of the optimizer state (ZeRO 1-3).
@@ -57,6 +61,37 @@ def train_and_record(trainer: Trainer, run_dir: Path) -> None:
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"rank{trainer.layout.rank}.json").write_text(json.dumps(record))
+
+
+class LayerCallsInBackward:
+    """Counts the core layers' forward calls made while autograd runs backward (every backward,
+    the pipeline's and DeepSpeed's included, goes through torch.autograd.backward)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = [module for module in model.modules() if isinstance(module, CoreLayer)]
+        self.calls, self.in_backward = 0, False
+
+    def _count(self, *_):
+        self.calls += self.in_backward
+
+    def _backward(self, *args, **kwargs):
+        self.in_backward = True
+        try:
+            return self.autograd_backward(*args, **kwargs)
+        finally:
+            self.in_backward = False
+
+    def __enter__(self):
+        # A pre-hook: checkpoint's recomputation stops as soon as it has what backward needs,
+        # before the last layer's forward returns.
+        self.hooks = [layer.register_forward_pre_hook(self._count) for layer in self.layers]
+        self.autograd_backward, torch.autograd.backward = torch.autograd.backward, self._backward
+        return self
+
+    def __exit__(self, *_):
+        torch.autograd.backward = self.autograd_backward
+        for hook in self.hooks:
+            hook.remove()
 
 
 def master_weight_partitions(engine) -> list:
