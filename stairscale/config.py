@@ -166,7 +166,7 @@ class TaskConfig:
 class DataConfig:
     dir: str = ""  # a prepared dataset (stairscale prepare-data); "" = prepare one for the task in `cache`
     cache: str = "~/.cache/stairscale/datasets"  # where automatically prepared datasets live
-    shard_docs: int = 0  # documents per shard when preparing; 0 = max(64, train.lanes) shards per split
+    shard_docs: int = 0  # documents per shard when preparing; 0 = a multiple of train.lanes, >= 64 and >= 2 a lane
     workers: int = 0  # loader worker processes per rank (0 = read in the training process)
     prefetch: int = 4  # batches each worker prepares ahead
     on_bad_sample: str = "error"  # error | skip (padding in its place; each reader prints every sample it skips once)

@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import pytest
 import webdataset as wds
 
 from stairscale.config import DataConfig, RunConfig, TaskConfig, TrainConfig
-from stairscale.data.loader import LaneLoader, LoaderSpec
+from stairscale.data.loader import LaneLoader, LoaderSpec, deal_warning
 from stairscale.data.prepare import check_prepared_for, content_hash, dataset_dir, prepare_dataset
 from stairscale.data.shards import MANIFEST, Dataset, Shard
 from stairscale.data.tasks import TextTask
@@ -219,6 +220,15 @@ def test_missing_shard(copy):
     _, shard = first_shard(copy)
     (copy / shard["file"]).unlink()
     with pytest.raises(DataError, match=f"shard .*{shard['file']} is missing"):
+        read_all(copy)
+
+
+def test_a_shard_that_cannot_be_read_is_named(copy):
+    _, shard = first_shard(copy)
+    path = copy / shard["file"]
+    path.unlink()
+    path.mkdir()  # a directory in its place: a read error other than a missing file
+    with pytest.raises(DataError, match=f"shard .*{shard['file']}: cannot read it: Is a directory"):
         read_all(copy)
 
 
@@ -567,19 +577,28 @@ def test_a_changed_text_corpus_is_another_dataset(tmp_path):
     assert content_hash(RunConfig(task=cfg.task, train=TrainConfig(lanes=4))) != content_hash(cfg)  # pieces follow the lanes
 
 
-def test_every_lane_gets_a_shard_by_default(tmp_path):
-    """A lane reads whole shards: with the default sharding no training lane is left without data,
-    and a dataset with fewer shards than lanes is refused for training."""
-    cfg = RunConfig(task=TaskConfig(name="random_walk", train_docs=300, eval_docs=20), train=TrainConfig(lanes=96))
+def test_every_lane_gets_two_shards_or_more_by_default(tmp_path):
+    """A lane reads whole shards: the default sharding cuts a multiple of the lanes, at least two
+    shards a lane, so no lane is left without data and each epoch deals new combinations; a
+    dataset with fewer shards than lanes is refused for training, and one that deals badly warns."""
+    cfg = RunConfig(task=TaskConfig(name="random_walk", train_docs=1920, eval_docs=20), train=TrainConfig(lanes=96))
     prepare_dataset(cfg, tmp_path / "walks")
-    for split, shards in (("train-64", 96), ("valid", 20)):
+    for split, shards in (("train-64", 192), ("valid", 20)):
         counts = [s.documents for s in Dataset(tmp_path / "walks").shards(split)]
         assert len(counts) == shards and max(counts) - min(counts) <= 1
-    loader = LaneLoader(LoaderSpec(str(tmp_path / "walks"), "train-64", 96, 64, 8, seed=0, shuffle=True))
-    assert all(loader.plan(0).lanes)
+    spec = LoaderSpec(str(tmp_path / "walks"), "train-64", 96, 64, 8, seed=0, shuffle=True)
+    loader = LaneLoader(spec)
+    deals = [[{shard.path for shard in lane} for lane in loader.plan(epoch).lanes] for epoch in (0, 1)]
+    assert sorted(map(sorted, deals[0])) != sorted(map(sorted, deals[1]))  # other combinations, not only other lanes
+    assert deal_warning(spec, loader.shards) is None
     assert content_hash(cfg) != content_hash(RunConfig(task=cfg.task, train=TrainConfig(lanes=128)))
-    with pytest.raises(DataError, match=r"split train-64 has 96 shards \(300 documents\) for 128 lanes"):
-        LaneLoader(LoaderSpec(str(tmp_path / "walks"), "train-64", 128, 64, 8, seed=0, shuffle=True))
+    with pytest.raises(DataError, match=r"split train-64 has 192 shards \(1920 documents\) for 256 lanes"):
+        LaneLoader(dataclasses.replace(spec, lanes=256))
+    # One shard a lane: every epoch the same batches. 1.5 shards a lane: half the lanes pad half the epoch.
+    assert "192 shards for 192 lanes, so epochs repeat batches" in deal_warning(dataclasses.replace(spec, lanes=192), loader.shards)
+    uneven = deal_warning(dataclasses.replace(spec, lanes=128), loader.shards)
+    assert "192 shards for 128 lanes, so epochs repeat" in uneven
+    assert 60 <= int(re.search(r"(\d+)% of each epoch's lane steps hold documents", uneven)[1]) <= 80, uneven
 
 
 def test_bpe_reads_utf8_and_names_a_document_that_is_not(tmp_path):

@@ -677,3 +677,11 @@ def test_eval_batches_caps_the_validations_and_never_the_test(tmp_path, tiny):
     assert 0 < capped["valid"]["targets"] <= lanes * segment < whole["valid"]["targets"]
     assert capped["test"] == whole["test"]
     assert [point["valid_targets"] for point in capped["curve"]] == [capped["valid"]["targets"]] * 2  # steps 3 and 6
+
+
+def test_a_training_split_that_deals_badly_to_the_lanes_trains_with_a_warning(tmp_path, tiny, capsys):
+    Trainer(tiny(tmp_path / "default"), quiet=True)
+    assert "warning" not in capsys.readouterr().err
+    Trainer(tiny(tmp_path / "one_shard_a_lane", "data.shard_docs=50"), quiet=True)  # 200 walks: 4 shards for 4 lanes
+    err = capsys.readouterr().err
+    assert err.startswith("stairscale: warning: dataset ") and "4 shards for 4 lanes, so epochs repeat batches" in err, err

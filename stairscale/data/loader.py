@@ -73,6 +73,27 @@ def check_a_shard_per_lane(root: str, split: str, shards: list[Shard], lanes: in
         )
 
 
+def deal_warning(spec: LoaderSpec, shards: list[Shard]) -> str | None:
+    """What dealing whole shards to the training lanes costs, or None: with fewer than two shards a
+    lane, epochs repeat the same batches (with one each, exactly, rows permuted), and an uneven
+    deal leaves lanes padding while others still read."""
+    plan = plan_epoch(spec, shards, 0)
+    data = sum(padded(n, spec.chunk) for shard in shards for n in shard.lengths)
+    used = data / (plan.steps * spec.segment_len * spec.lanes)
+    problems = []
+    if len(shards) < 2 * spec.lanes:
+        problems.append(f"{len(shards)} shards for {spec.lanes} lanes, so epochs repeat batches (a lane reads whole "
+                        "shards, each in its own order: at one shard a lane every epoch holds the same batches)")
+    if used < 0.85:
+        problems.append(f"{used:.0%} of each epoch's lane steps hold documents, the rest padding (the shards "
+                        f"do not deal evenly to {spec.lanes} lanes)")
+    if not problems:
+        return None
+    return (f"dataset {spec.root}: split {spec.split}: " + "; ".join(problems) + ". Prepare it into a new directory "
+            "with data.shard_docs 0 (the default: at least two shards a lane, a multiple of the lanes) "
+            "and this run's train.lanes, or cut text into more pieces (task.piece_len)")
+
+
 def lane_position(spec: LoaderSpec, lane_shards: list[Shard], step: int) -> tuple[int, int, int]:
     """(shard in lane, document in shard, token offset in document) at the start of `step`."""
     remaining = step * spec.segment_len

@@ -89,9 +89,11 @@ def _cut(doc: Document, parts: int, bos_id: int) -> list[Document]:
 
 
 def shards_per_split(cfg: RunConfig) -> int:
-    """How many shards a split gets when data.shard_docs is 0. A lane reads whole shards, so
-    every lane needs one: at least train.lanes, and at least 64."""
-    return max(64, cfg.train.lanes)
+    """How many shards a split gets when data.shard_docs is 0: at least 64, a multiple of
+    train.lanes, and at least two a lane. A lane reads whole shards, so with one shard a lane
+    every epoch would hold the same batches; with two or more, each epoch deals new combinations."""
+    lanes = cfg.train.lanes
+    return lanes * max(2, math.ceil(64 / lanes))
 
 
 def prepare_dataset(cfg: RunConfig, out_dir: str | Path, replace: bool = False) -> dict:

@@ -376,6 +376,8 @@ class Dataset:
             data = shard.path.read_bytes()
         except FileNotFoundError:
             raise DataError(f"shard {shard.path} is missing (listed in {self.root / MANIFEST})") from None
+        except OSError as err:  # permissions, an I/O error, a directory in its place
+            raise DataError(f"shard {shard.path}: cannot read it: {err.strerror or err}") from None
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             raise DataError(f"shard {shard.path}: sha256 does not match the manifest (changed or corrupt)")
         return data

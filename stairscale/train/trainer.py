@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from stairscale import files
 from stairscale.config import RunConfig, check_writable_dir
 from stairscale.data.lanes import Batch
-from stairscale.data.loader import LaneLoader, LoaderSpec, check_a_shard_per_lane
+from stairscale.data.loader import LaneLoader, LoaderSpec, check_a_shard_per_lane, deal_warning
 from stairscale.data.prepare import build_task, dataset_dir, train_split
 from stairscale.data.shards import Dataset
 from stairscale.data.tasks import IGNORE
@@ -62,10 +62,22 @@ def autocast(cfg: RunConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def make_loader(cfg: RunConfig, root, split: str, training: bool, layout: Layout = Layout()) -> LaneLoader:
-    spec = LoaderSpec(str(root), split, cfg.train.lanes, cfg.train.segment_len, cfg.model.chunk, cfg.train.seed,
+def loader_spec(cfg: RunConfig, root, split: str, training: bool) -> LoaderSpec:
+    return LoaderSpec(str(root), split, cfg.train.lanes, cfg.train.segment_len, cfg.model.chunk, cfg.train.seed,
                       shuffle=training, on_bad_sample=cfg.data.on_bad_sample)
+
+
+def make_loader(cfg: RunConfig, root, split: str, training: bool, layout: Layout = Layout()) -> LaneLoader:
+    spec = loader_spec(cfg, root, split, training)
     return LaneLoader(spec, layout.dp_rank, layout.dp, workers=cfg.data.workers, prefetch=cfg.data.prefetch)
+
+
+def warn_of_uneven_deals(dataset: Dataset, cfg: RunConfig) -> None:
+    """A training split whose shards deal badly to the lanes trains, with a warning on stderr."""
+    for split in dict.fromkeys(train_split(cfg.task, stage) for stage in range(cfg.task.stages)):
+        warning = deal_warning(loader_spec(cfg, dataset.root, split, training=True), dataset.shards(split))
+        if warning:
+            print(f"stairscale: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def check_splits(dataset: Dataset, cfg: RunConfig) -> dict[str, str]:
@@ -190,6 +202,8 @@ class Trainer:
         collectives.check_same_data(self.dataset.fingerprint, str(self.data_root), self.layout)
         # What the weights are trained and scored with, kept in checkpoints: scoring them later checks it.
         self.scored_data = {"vocab": self.dataset.vocab.digest, **check_splits(self.dataset, cfg)}
+        if self.layout.reports:
+            warn_of_uneven_deals(self.dataset, cfg)
         self.vocab = (len(self.dataset.vocab), self.dataset.vocab.pad_id)
         model = build_model(cfg, *self.vocab, self.layout).to(self.device)
         if cfg.train.compile != "none":
