@@ -8,7 +8,15 @@
 set -euo pipefail
 BIN=${BIN:-$(dirname "$0")/../.venv/bin}
 ARGS=()
-if [[ -n "${HOSTFILE:-}" ]]; then ARGS=(--hostfile "$HOSTFILE"); fi
+if [[ -n "${HOSTFILE:-}" ]]; then
+    # DeepSpeed's runner takes a missing hostfile for this host alone, and trains on it.
+    [[ -r $HOSTFILE ]] || { echo "launch/deepspeed.sh: HOSTFILE=$HOSTFILE cannot be read" >&2; exit 2; }
+    ARGS=(--hostfile "$HOSTFILE")
+fi
+if [[ ! ${NUM_GPUS:-2} =~ ^[1-9][0-9]*$ ]]; then
+    echo "launch/deepspeed.sh: NUM_GPUS=$NUM_GPUS must be a process count such as 2" >&2
+    exit 2
+fi
 if [[ -z "${HOSTFILE:-}" && -n "${CUDA_VISIBLE_DEVICES:-}" && ${DS_ACCELERATOR:-cuda} == cuda ]] && command -v nvidia-smi >/dev/null; then
     # Given --num_gpus, DeepSpeed drops CUDA_VISIBLE_DEVICES and counts from GPU 0: name the devices.
     if [[ ! $CUDA_VISIBLE_DEVICES =~ ^[0-9]+(,[0-9]+)*$ ]]; then

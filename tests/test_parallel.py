@@ -22,7 +22,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stairscale.config import load_config
-from stairscale.errors import ConfigError
+from stairscale.errors import ConfigError, LaunchError
+from stairscale.parallel.groups import cuda_device_index
 from stairscale.parallel.launchers import launch_environment, started_by_mpi
 from stairscale.parallel.pipeline import stage_layers
 from stairscale.train.scoring import evaluate_run
@@ -413,6 +414,14 @@ def test_which_launcher_started_a_process_inside_a_slurm_allocation(monkeypatch)
     monkeypatch.setenv("PMI_RANK", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     assert not started_by_mpi() and launch_environment.__wrapped__() == ("srun", 1, 2)
+
+
+def test_each_process_takes_its_own_gpu_or_is_refused(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert [cuda_device_index(local, 8) for local in range(8)] == list(range(8))  # --gpus-per-node
+    assert [cuda_device_index(local, 1) for local in range(8)] == [0] * 8  # --gpus-per-task=1
+    with pytest.raises(LaunchError, match=r"LOCAL_RANK 4 but this process sees 4 GPUs \(CUDA_VISIBLE_DEVICES=0,1,2,3\)"):
+        cuda_device_index(4, 4)  # 8 processes on a node of 4 GPUs: not two on one GPU
 
 
 def test_pipeline_benchmark_compares_micro_batch_counts(config, tmp_path):

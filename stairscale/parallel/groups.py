@@ -56,6 +56,19 @@ class Layout:
         return f"world {self.world} = dp {self.dp} x tp {self.tp} x pp {self.pp} ({self.launcher})"
 
 
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The GPU a process takes: its only visible one (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES
+    per rank), else the one its local rank names. A local rank beyond the visible GPUs is refused:
+    wrapping around would put two ranks on one GPU."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise LaunchError(f"LOCAL_RANK {local_rank} but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per GPU on each node, or "
+                          "give each process its own GPU (srun --gpus-per-task=1)")
+    return local_rank
+
+
 def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
     """Join the launch's processes and build the model-parallel groups; a single process returns
     Layout() without making any group unless ZeRO asks for DeepSpeed."""
@@ -81,11 +94,11 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
         store, address = None, f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     # DeepSpeed needs LOCAL_RANK, and on a GPU takes it for the device index; a single process, or
     # RANK and WORLD_SIZE set by hand, lack it.
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_rank = os.environ.get("LOCAL_RANK")
     if device.type == "cuda":
-        # A task may see only its own GPUs (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank).
-        local_rank %= torch.cuda.device_count()
-    os.environ["LOCAL_RANK"] = str(local_rank)
+        visible = torch.cuda.device_count()  # ranks set by hand: numbered node by node
+        local_rank = cuda_device_index(rank % visible if local_rank is None else int(local_rank), visible)
+    os.environ["LOCAL_RANK"] = str(rank if local_rank is None else local_rank)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = cfg.timeout_minutes or DEFAULT_TIMEOUT_MINUTES[backend]
     if not dist.is_initialized():

@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import math
+import socket
 import sys
 import time
 from pathlib import Path
@@ -473,7 +474,7 @@ class Trainer:
             f"{m.schedule}: {facts['parameters']:,} parameters ({facts['core_parameters']:,} in the core), "
             f"{facts['passes_per_token']} pass(es)/token{extra}; task {self.cfg.task.name}; "
             f"{t.lanes} lanes x {t.segment_len} tokens x {t.steps} steps on {self.device}, {facts['layout']}; "
-            f"run dir {self.run_dir}"
+            f"run dir {self.run_dir}" + (f" on {socket.gethostname()}" if self.layout.distributed else "")
         )
 
 
