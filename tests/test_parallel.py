@@ -366,6 +366,13 @@ def test_launches_that_cannot_work_are_refused_with_the_reason(config, tmp_path)
     done = subprocess.run([str(ROOT / "launch/torchrun.sh"), "--config", str(config)], capture_output=True, text=True,
                           cwd=ROOT, timeout=60, env=variables)
     assert done.returncode == 2 and "NNODES=2 needs MASTER_ADDR" in done.stderr, done.stderr
+    variables.update(MASTER_ADDR="127.0.0.1", NODE_RANK="2")
+    done = subprocess.run([str(ROOT / "launch/torchrun.sh")], capture_output=True, text=True, cwd=ROOT, timeout=60, env=variables)
+    assert done.returncode == 2 and "NODE_RANK=2 must be one of 0 to 1 (NNODES=2)" in done.stderr, done.stderr
+    # DeepSpeed's runner would take a missing hostfile for this host alone, and train on it.
+    done = subprocess.run([str(ROOT / "launch/deepspeed.sh")], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**variables, "HOSTFILE": str(tmp_path / "hosts")})
+    assert done.returncode == 2 and f"HOSTFILE={tmp_path / 'hosts'} cannot be read" in done.stderr, done.stderr
     variables["NNODES"] = "1:2"  # torchrun's static rendezvous cannot take an elastic range
     done = subprocess.run([str(ROOT / "launch/torchrun.sh")], capture_output=True, text=True, cwd=ROOT, timeout=60, env=variables)
     assert done.returncode == 2 and "NNODES=1:2 must be a node count" in done.stderr, done.stderr
