@@ -18,8 +18,10 @@ from stairscale.data.prepare import dataset_dir, train_split
 from stairscale.errors import ConfigError
 from stairscale.parallel.launchers import launch_environment
 from stairscale.parallel.wavefront import schedule
+from stairscale.train.device import resolve_device
 from stairscale.train.metrics import Tally
-from stairscale.train.trainer import Trainer, learning_rate, make_loader, resolve_device
+from stairscale.train.splits import make_loader
+from stairscale.train.trainer import Trainer, learning_rate
 
 
 def _rate(batches, seconds: float) -> float:

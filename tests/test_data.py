@@ -24,7 +24,7 @@ from stairscale.data.prepare import check_prepared_for, content_hash, dataset_di
 from stairscale.data.shards import MANIFEST, Dataset, Shard
 from stairscale.data.tasks import TextTask
 from stairscale.errors import DataError
-from stairscale.train.trainer import check_split
+from stairscale.train.splits import check_split
 
 LANES, SEGMENT, CHUNK = 4, 16, 4
 SCRIPT = Path(__file__).parent / "scripts" / "loader_ranks.py"

@@ -9,6 +9,7 @@ from torch.utils._pytree import tree_flatten
 from stairscale.config import ModelConfig
 from stairscale.data.tasks import IGNORE
 from stairscale.model.lm import StaircaseLM
+from stairscale.model.provider import OutputHead
 from stairscale.model.schedules import make_schedule
 from stairscale.model.state import RecurrentState, Rows
 
@@ -561,3 +562,15 @@ def test_dropout_acts_in_training_only(key):
     model.train()
     first, second = log_probs(model), log_probs(model)
     assert not torch.allclose(first, second) and not torch.allclose(first, log_probs(plain))
+
+
+def test_the_output_head_scores_in_full_precision_under_bf16_autocast():
+    """Logits rounded to bf16 would shift the loss and tie the argmax: the head runs outside autocast."""
+    head = OutputHead(16, 24)
+    h = 8 * torch.randn(3, 5, 16)
+    targets = torch.randint(0, 24, (3, 5))
+    want = head(h, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(h, targets)
+        assert torch.is_autocast_enabled("cpu")  # the head leaves it on for the caller
+    assert got.nll.dtype == torch.float32 and torch.equal(got.nll, want.nll) and torch.equal(got.predicted, want.predicted)

@@ -25,7 +25,7 @@ from stairscale.config import load_config
 from stairscale.errors import ConfigError, LaunchError
 from stairscale.parallel.groups import cuda_device_index
 from stairscale.parallel.launchers import launch_environment, started_by_mpi
-from stairscale.parallel.pipeline import stage_layers
+from stairscale.parallel.pipeline import _backward, stage_layers
 from stairscale.train.scoring import evaluate_run
 from stairscale.train.trainer import Trainer
 
@@ -421,6 +421,18 @@ def test_which_launcher_started_a_process_inside_a_slurm_allocation(monkeypatch)
     monkeypatch.setenv("PMI_RANK", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     assert not started_by_mpi() and launch_environment.__wrapped__() == ("srun", 1, 2)
+
+
+def test_the_pipeline_runs_backward_outside_the_forward_autocast():
+    """The trainer wraps a whole wavefront in its bf16 autocast; backward must not run under it
+    (it would recast the backward's own operations, which the single-device step never does)."""
+    leaf = torch.ones(3, requires_grad=True)
+    seen = []
+    leaf.register_hook(lambda grad: seen.append(torch.is_autocast_enabled("cpu")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _backward((leaf * 2).sum())
+        assert torch.is_autocast_enabled("cpu")
+    assert seen == [False] and leaf.grad.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_each_process_takes_its_own_gpu_or_is_refused(monkeypatch):

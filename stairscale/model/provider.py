@@ -30,8 +30,11 @@ class OutputHead(nn.Module):
         self.proj = nn.Linear(d_model, vocab_size, bias=True)
 
     def logprobs(self, h: Tensor) -> Tensor:
-        logits = self.proj(self.norm(h))
-        return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # bf16 up, fp64 kept
+        # Outside autocast, in float32 or better: logits rounded to bf16 would bias the loss and
+        # tie the argmax (the vocabularies here are small; the cost is too).
+        with torch.autocast(h.device.type, enabled=False):
+            logits = self.proj(self.norm(h.to(torch.promote_types(h.dtype, torch.float32))))
+        return torch.log_softmax(logits, dim=-1)
 
     def forward(self, h: Tensor, targets: Tensor) -> Scores:
         logprobs = self.logprobs(h)

@@ -186,7 +186,7 @@ class PipelineRunner:
         finals = micro.result[0]
         micro.scores = self.stage.head(finals, micro.targets)
         if self.loss_scale is not None:
-            (micro.scores.nll.sum() * self.loss_scale).backward()  # into the top rows' leaves
+            _backward(micro.scores.nll.sum() * self.loss_scale)  # into the top rows' leaves
             micro.scores = Scores(micro.scores.nll.detach(), micro.scores.predicted)
 
     # -- actions ----------------------------------------------------------------------------------
@@ -217,13 +217,13 @@ class PipelineRunner:
             grad = sum(grads, _grad_or_zeros(micro.tops[step]))  # the head's and the stages' uses
         else:
             (grad,) = grads
-        torch.autograd.backward(out, grad)
+        _backward(out, grad)
         rows = micro.inputs.pop(step)
         for transfer in sends:
             leaf = rows if transfer.kind == wavefront.GRADIENT else micro.tops[step - 1]
             self._send(_grad_or_zeros(leaf), transfer)
         if self.layout.first_stage and step == 0:
-            micro.embedded.backward(_grad_or_zeros(micro.embedded_leaf))
+            _backward(micro.embedded, _grad_or_zeros(micro.embedded_leaf))
 
     # -- point to point ---------------------------------------------------------------------------
     # An action leaves what it sends in the outbox; the slot's exchange posts those sends and the
@@ -275,6 +275,13 @@ class PostedBatch:
             for handle in self.handles:
                 handle.wait()
             self.done = True
+
+
+def _backward(tensor: Tensor, grad: Tensor | None = None) -> None:
+    """Backward outside autocast, as the single-device step runs it (the trainer runs the whole
+    wavefront under its autocast, which would recast the backward's own operations)."""
+    with torch.autocast(tensor.device.type, enabled=False):
+        torch.autograd.backward(tensor, grad)
 
 
 def _grad_or_zeros(leaf: Tensor) -> Tensor:

@@ -62,7 +62,8 @@ class VocabParallelHead(nn.Module):
         self.first = first
 
     def forward(self, h: Tensor, targets: Tensor) -> Scores:
-        logits = self.proj(self.norm(h)).float().masked_fill(self.padding, float("-inf"))
+        with torch.autocast(h.device.type, enabled=False):  # in float32, as OutputHead.logprobs
+            logits = self.proj(self.norm(h.to(torch.promote_types(h.dtype, torch.float32)))).masked_fill(self.padding, float("-inf"))
         predicted = self._global_argmax(logits.detach())
         supervised = targets != IGNORE
         nll = vocab_parallel_cross_entropy(logits, targets.clamp(min=0))

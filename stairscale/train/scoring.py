@@ -1,18 +1,55 @@
-"""Score a finished run's weights: `stairscale eval` and the tables of `stairscale reproduce`."""
+"""Scoring weights on a split: the evaluation loop of training, and scoring a finished run's
+weights (`stairscale eval`, the tables of `stairscale reproduce`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
+import torch
+
 from stairscale.config import ModelConfig, RunConfig, load_config
+from stairscale.data.loader import LaneLoader
 from stairscale.data.prepare import dataset_dir
 from stairscale.data.shards import Dataset
 from stairscale.errors import CheckpointError, ConfigError, DataError
 from stairscale.model.lm import StaircaseLM
+from stairscale.model.state import RecurrentState
+from stairscale.parallel import collectives
+from stairscale.parallel.groups import Layout
 from stairscale.train.checkpoint import BEST, CHECKPOINT, load_checkpoint
+from stairscale.train.device import autocast, resolve_device
 from stairscale.train.metrics import Tally
-from stairscale.train.trainer import check_split, evaluate, make_loader, resolve_device
+from stairscale.train.splits import check_split, make_loader
+
+
+@torch.no_grad()
+def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, layout: Layout = Layout(), batches: int = 0) -> Tally:
+    """Score a whole split once (or its first `batches` segments of every lane), every lane read
+    with carried state from a fresh start; the tally is summed over the data-parallel ranks."""
+    was_training = model.training
+    model.eval()
+    tally = Tally.for_dataset(loader.dataset)
+    lanes = len(loader.local_lanes)
+    # Pipeline stages split their lanes into micro-batches, as in training, so that they overlap.
+    parts = cfg.train.grad_accum if layout.pp > 1 else 1
+    states = [RecurrentState.initial(lanes // parts, device) for _ in range(parts)]
+    for batch in itertools.islice(loader, batches or None):
+        micros = batch.split(parts)
+        on_device = [m.to(device) for m in micros]
+        with autocast(cfg, device):
+            if layout.pp > 1:
+                all_scores, states = model.runner.run([(m.tokens, m.doc_start, m.targets) for m in on_device], states, loss_scale=None)
+            else:
+                scores, states[0] = model(on_device[0].tokens, on_device[0].doc_start, on_device[0].targets, states[0])
+                all_scores = [scores]
+        for micro, scores in zip(micros, all_scores):
+            if scores is not None:  # None on pipeline stages without the head
+                tally.add(scores, micro.targets, micro.doc_pos)
+    model.train(was_training)
+    return collectives.sum_tallies(tally, layout)
+
 
 
 def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str = "final") -> Tally:

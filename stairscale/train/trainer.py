@@ -4,7 +4,6 @@ cosine/constant LR, clipping, accumulation, evaluation, checkpoint, TensorBoard.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -22,99 +21,23 @@ from torch.utils.tensorboard import SummaryWriter
 from stairscale import files
 from stairscale.config import RunConfig, check_writable_dir
 from stairscale.data.lanes import Batch
-from stairscale.data.loader import LaneLoader, LoaderSpec, check_a_shard_per_lane, deal_warning
 from stairscale.data.prepare import build_task, dataset_dir, train_split
 from stairscale.data.shards import Dataset
 from stairscale.data.tasks import IGNORE
-from stairscale.errors import ConfigError, DataError, TrainingDiverged
+from stairscale.errors import TrainingDiverged
 from stairscale.model.lm import StaircaseLM
 from stairscale.model.provider import Scores
 from stairscale.model.state import RecurrentState
 from stairscale.parallel import collectives
-from stairscale.parallel.groups import Layout, check_layout, init_distributed
+from stairscale.parallel.groups import check_layout, init_distributed
 from stairscale.parallel.model import build_model, full_state_dict
 from stairscale.train.carried_offset import CarriedOffset
 from stairscale.train.checkpoint import BEST, CHECKPOINT, RESULTS, RUN_OUTPUTS, refuse_another_run, save_checkpoint
-from stairscale.train.metrics import Tally, headline
+from stairscale.train.device import autocast, check_backend, resolve_device, uses_bf16
 from stairscale.train.engine import build_engine
-
-
-def resolve_device(cfg: RunConfig) -> torch.device:
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(cfg.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {cfg.train.device!r}, but torch sees no CUDA device here (use auto or cpu)")
-    return device
-
-
-def check_backend(cfg: RunConfig, device: torch.device) -> None:
-    if cfg.parallel.backend == "nccl" and device.type != "cuda":
-        raise ConfigError(f"parallel.backend: nccl runs on CUDA devices, but train.device {cfg.train.device!r} is the CPU here (use auto or gloo)")
-
-
-def uses_bf16(cfg: RunConfig, device: torch.device) -> bool:
-    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-
-
-def autocast(cfg: RunConfig, device: torch.device):
-    if not uses_bf16(cfg, device):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def loader_spec(cfg: RunConfig, root, split: str, training: bool) -> LoaderSpec:
-    return LoaderSpec(str(root), split, cfg.train.lanes, cfg.train.segment_len, cfg.model.chunk, cfg.train.seed,
-                      shuffle=training, on_bad_sample=cfg.data.on_bad_sample)
-
-
-def make_loader(cfg: RunConfig, root, split: str, training: bool, layout: Layout = Layout()) -> LaneLoader:
-    spec = loader_spec(cfg, root, split, training)
-    return LaneLoader(spec, layout.dp_rank, layout.dp, workers=cfg.data.workers, prefetch=cfg.data.prefetch)
-
-
-def warn_of_uneven_deals(dataset: Dataset, cfg: RunConfig) -> None:
-    """A training split whose shards deal badly to the lanes trains, with a warning on stderr."""
-    for split in dict.fromkeys(train_split(cfg.task, stage) for stage in range(cfg.task.stages)):
-        warning = deal_warning(loader_spec(cfg, dataset.root, split, training=True), dataset.shards(split))
-        if warning:
-            print(f"stairscale: warning: {warning}", file=sys.stderr, flush=True)
-
-
-def check_splits(dataset: Dataset, cfg: RunConfig) -> dict[str, str]:
-    """Every split the run reads is there and holds something to predict, and each training split
-    a shard per lane; the evaluation splits (small) are read whole, every shard checked against its
-    sha256: fail now, not at the first validation or after training. Returns the evaluation
-    splits' content digests."""
-    for index in range(cfg.task.stages):
-        check_split(dataset, train_split(cfg.task, index), cfg.train.lanes)
-    digests = {}
-    for split in ("valid", "test"):
-        check_split(dataset, split)
-        digests[split] = dataset.content_digest(split)
-    return digests
-
-
-def check_split(dataset: Dataset, split: str, lanes: int = 0) -> None:
-    """The split is there, has something to predict, (`lanes`: a training split) a shard per lane,
-    and every shard file, none shorter than its manifest entry says."""
-    shards = dataset.shards(split)
-    if not shards:
-        raise DataError(f"dataset {dataset.root}: split {split} has no documents; a run trains on its train "
-                        "split(s) and is scored on valid and test")
-    if not dataset.labelled and sum(s.tokens - s.documents for s in shards) == 0:
-        raise DataError(f"dataset {dataset.root}: split {split} has nothing to predict (its documents "
-                        "hold only their start token)")
-    if lanes:
-        check_a_shard_per_lane(str(dataset.root), split, shards, lanes)
-    missing = [str(s.path) for s in shards if not s.path.is_file()]
-    if missing:
-        raise DataError(f"dataset {dataset.root}: split {split} lacks {len(missing)} of its shards ({missing[0]}, ...); "
-                        "prepare the dataset again")
-    short = [str(s.path) for s in shards if dataset.truncated(s)]
-    if short:
-        raise DataError(f"dataset {dataset.root}: split {split}: {len(short)} of its shards end before the samples the "
-                        f"manifest lists ({', '.join(short[:3])}{', ...' if len(short) > 3 else ''}); prepare the dataset again")
+from stairscale.train.metrics import Tally, headline
+from stairscale.train.scoring import evaluate
+from stairscale.train.splits import check_splits, make_loader, warn_of_uneven_deals
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -135,33 +58,6 @@ def learning_rate(cfg: RunConfig, step: int) -> float:
     progress = (local - t.warmup_steps) / max(1, end - start - t.warmup_steps)
     floor = peak * t.min_lr_ratio
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-@torch.no_grad()
-def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, layout: Layout = Layout(), batches: int = 0) -> Tally:
-    """Score a whole split once (or its first `batches` segments of every lane), every lane read
-    with carried state from a fresh start; the tally is summed over the data-parallel ranks."""
-    was_training = model.training
-    model.eval()
-    tally = Tally.for_dataset(loader.dataset)
-    lanes = len(loader.local_lanes)
-    # Pipeline stages split their lanes into micro-batches, as in training, so that they overlap.
-    parts = cfg.train.grad_accum if layout.pp > 1 else 1
-    states = [RecurrentState.initial(lanes // parts, device) for _ in range(parts)]
-    for batch in itertools.islice(loader, batches or None):
-        micros = batch.split(parts)
-        on_device = [m.to(device) for m in micros]
-        with autocast(cfg, device):
-            if layout.pp > 1:
-                all_scores, states = model.runner.run([(m.tokens, m.doc_start, m.targets) for m in on_device], states, loss_scale=None)
-            else:
-                scores, states[0] = model(on_device[0].tokens, on_device[0].doc_start, on_device[0].targets, states[0])
-                all_scores = [scores]
-        for micro, scores in zip(micros, all_scores):
-            if scores is not None:  # None on pipeline stages without the head
-                tally.add(scores, micro.targets, micro.doc_pos)
-    model.train(was_training)
-    return collectives.sum_tallies(tally, layout)
 
 
 class Progress:
