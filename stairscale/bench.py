@@ -79,6 +79,14 @@ class StepTimer:
         self._wait_for_all()
         return (time.perf_counter() - started) / steps
 
+    def seconds_per_validation(self) -> float:
+        """One validation as training runs it (the split read afresh, train.eval_batches kept)."""
+        self._wait_for_all()
+        started = time.perf_counter()
+        self.trainer._tally("valid")
+        self._wait_for_all()
+        return time.perf_counter() - started
+
     def _wait_for_all(self) -> None:
         """Until this device's queued work and every rank are done, so the time covers them."""
         if self.device.type == "cuda":

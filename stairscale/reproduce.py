@@ -22,6 +22,7 @@ from stairscale import files
 from stairscale.config import shortest_stage
 from stairscale.errors import ConfigError, RunFailed
 from stairscale.train.scoring import score_run
+from stairscale.train.trainer import reach
 
 TEST_WALKS = 256  # random-walk test documents scored per length
 
@@ -124,7 +125,7 @@ def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: fl
                  log_every=100, threads=budget.threads, device=budget.device, precision="fp32", compile=compile, seed=seed)
     if task == "random_walk":
         steps = max(10, round(budget.walk_steps[model] * steps_scale))
-        starts = [int(f * steps) for f in budget.walk_length_steps]
+        starts = [round(f * steps) for f in budget.walk_length_steps]
         task_cfg = dict(name="random_walk", positions=8, train_lengths=budget.walk_lengths, train_length_steps=starts,
                         eval_length=budget.walk_eval_lengths[-1], eval_docs=128, train_docs=budget.walk_docs)
         train.update(lr_restarts=True, stage_lr=budget.walk_stage_lr, carried_offset_stages=budget.walk_carried_offset_stages)
@@ -133,7 +134,7 @@ def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: fl
         starts = [0]
         task_cfg = dict(name="algorithmic", variables=3, eval_docs=256)
     train.update(steps=steps, warmup_steps=max(1, min(round(200 * steps_scale), shortest_stage(starts, steps) // 2)),
-                 eval_every=max(steps // budget.validations, 1), keep_best=budget.keep_best)
+                 eval_every=-(-steps // budget.validations), keep_best=budget.keep_best)
     return dict(model={**CORE, **MODELS[model]}, task=task_cfg, train=train, run_dir=str(out / f"{task}_{model}"))
 
 
@@ -146,9 +147,11 @@ def launch(config: dict) -> subprocess.Popen:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
-def run_all(configs: list[dict], parallel: int) -> None:
-    """Run the configs, `parallel` at a time, longest first; on the first failure, Ctrl-C or
-    SIGTERM (a scheduler's stop) stop the others: no run outlives the reproduction."""
+def run_all(configs: list[dict], parallel: int) -> list[str]:
+    """Run the configs, `parallel` at a time, longest first, and return the run directories of
+    those that failed (the others run on, to be scored); Ctrl-C or SIGTERM (a scheduler's stop)
+    stop every run: no run outlives the reproduction."""
+    failed = []
     pending = sorted(configs, key=lambda c: -c["train"]["steps"] * (2 if c["model"]["schedule"] == "staircase" else 1))
     running: list[tuple[subprocess.Popen, dict]] = []
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -163,11 +166,14 @@ def run_all(configs: list[dict], parallel: int) -> None:
                 if proc.poll() is not None:
                     running.remove((proc, config))
                     if proc.returncode:
-                        raise RunFailed(f"{config['run_dir']} failed (exit {proc.returncode}); see its train.log")
-                    print(f"  done  {config['run_dir']}", flush=True)
+                        failed.append(config["run_dir"])
+                        print(f"  FAILED {config['run_dir']} (exit {proc.returncode}); see its train.log", flush=True)
+                    else:
+                        print(f"  done  {config['run_dir']}", flush=True)
     finally:
         _stop([proc for proc, _ in running])
         signal.signal(signal.SIGTERM, previous)
+    return failed
 
 
 def _exit_on_signal(signum, frame):
@@ -193,28 +199,58 @@ def _stop(runs: list[subprocess.Popen]) -> None:
             signal.signal(sig, handler)
 
 
-def fit_steps_scale(budget: Budget, out: Path, minutes: float, compile: str = "none") -> float:
-    """Measure each model's train step here and scale every run's steps so that training fits
-    `minutes` (20% of it is left for data preparation and evaluation), with `budget.parallel` runs
-    at a time, longest first, as run_all starts them."""
-    from stairscale.bench import measure_step
+def fit_steps_scale(budget: Budget, out: Path, minutes: float, compile: str = "none", started: float | None = None) -> float:
+    """Measure each run's train step and validation here, and scale every run's steps so that the
+    reproduction ends within `minutes` of `started` (the command's start: the measuring counts).
+    Training and validations get 80% of what the measuring leaves (the rest is for start-ups and
+    scoring), with `budget.parallel` runs at a time, longest first, as run_all starts them. Never
+    more than the recipe (scale 1): a faster machine finishes early rather than train a longer,
+    untried recipe."""
+    from stairscale.bench import StepTimer
     from stairscale.config import RunConfig, from_dict
     from stairscale.train.checkpoint import holds_a_run
 
+    started = time.time() if started is None else started
     held = [str(run) for run in sorted(out.glob("*")) if holds_a_run(run)]
     if held:  # the step counts planned here would differ from theirs: refuse now, not after measuring
         raise ConfigError(f"--out: {out} already holds runs ({', '.join(held[:2])}{', ...' if len(held) > 2 else ''}); "
                           "--fit-minutes plans new step counts, so choose a new --out or remove those runs")
-    costs = []
+    # keep_best scores the test split at each new best as well: at most once per validation
+    evaluations = budget.validations * (2 if budget.keep_best else 1)
+    runs = []  # (seconds of the recipe's training steps, seconds of its evaluations), per run
     for model in MODELS:
         for task, steps in (("random_walk", budget.walk_steps[model]), ("algorithmic", budget.algo_steps)):
             cfg = from_dict(RunConfig, run_config(task, model, budget, out / "calibration", compile=compile)).validate()
-            step_seconds = measure_step(cfg, steps=20, warmup=10)
-            costs.append(steps * step_seconds)
-            print(f"  calibration: {model} on the {task} task, {step_seconds * 1e3:.1f} ms/step", flush=True)
-    scale = 0.8 * minutes * 60 / _makespan(costs, budget.parallel)
-    print(f"  calibration: steps x {scale:.2f} to train in {0.8 * minutes:.1f} minutes", flush=True)
+            with StepTimer(cfg) as timer:
+                step_seconds, valid_seconds = timer.seconds_per_step(steps=20, warmup=10), timer.seconds_per_validation()
+            runs.append((steps * step_seconds, evaluations * valid_seconds))
+            print(f"  calibration: {model} on the {task} task, {step_seconds * 1e3:.1f} ms/step, "
+                  f"{valid_seconds:.1f} s/validation", flush=True)
+    left = minutes * 60 - (time.time() - started)
+    scale = _fit(runs, budget.parallel, 0.8 * left)
+    if scale is None:
+        raise ConfigError(f"--fit-minutes {minutes:g}: {left / 60:.1f} minutes are left after measuring, too few for "
+                          f"the runs' {budget.validations} validations each")
+    print(f"  calibration: the recipe would take {_makespan([t + e for t, e in runs], budget.parallel) / 60:.1f} minutes "
+          f"here; steps x {scale:.2f} to end within the {left / 60:.1f} minutes left", flush=True)
     return scale
+
+
+def _fit(runs: list[tuple[float, float]], parallel: int, seconds: float) -> float | None:
+    """The largest scale of the training steps, at most 1, at which the runs (training seconds
+    scaled, evaluation seconds not) end within `seconds`; None if none does."""
+    def makespan(scale: float) -> float:
+        return _makespan([scale * train + evaluations for train, evaluations in runs], parallel)
+
+    if makespan(0.0) >= seconds:
+        return None
+    low, high = 0.0, 1.0
+    if makespan(high) <= seconds:
+        return high
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if makespan(middle) <= seconds else (low, middle)
+    return low
 
 
 def _makespan(costs: list[float], parallel: int) -> float:
@@ -225,66 +261,78 @@ def _makespan(costs: list[float], parallel: int) -> float:
     return max(slots)
 
 
-def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0, compile: str = "none", seed: int = 0) -> dict:
-    """Train the three models on both tasks, score them, print and save the table.
-    `steps_scale` multiplies every run's steps (to fit a slower or faster machine); `compile` is
-    every run's train.compile, `seed` its train.seed (the data stay those of task.seed 0)."""
+def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0, compile: str = "none", seed: int = 0,
+                       started: float | None = None) -> dict:
+    """Train the three models on both tasks, score them, print and save the table (a run that
+    failed is a row that says so, and the command then fails). `steps_scale` multiplies every
+    run's steps (to fit a slower or faster machine); `compile` is every run's train.compile,
+    `seed` its train.seed (the data stay those of task.seed 0); `started` is when the command
+    began (the wall time counts a calibration before this)."""
     from stairscale.config import RunConfig, from_dict
     from stairscale.train.checkpoint import refuse_another_run
 
     budget = QUICK if quick else FULL
-    started = time.time()
+    started = time.time() if started is None else started
     configs = [run_config(task, model, budget, out, steps_scale, compile, seed) for task in ("random_walk", "algorithmic")
                for model in MODELS]
     print(f"reproduce tracking ({'quick' if quick else 'full'}): {len(configs)} runs into {out}", flush=True)
     for config in configs:  # before any run starts: one that would mix with an earlier run in --out
         refuse_another_run(from_dict(RunConfig, config).validate())
-    run_all(configs, budget.parallel)
-    report = score(out, budget)
+    failed = run_all(configs, budget.parallel)
+    xl = next(c for c in configs if c["task"]["name"] == "random_walk" and c["model"]["schedule"] == "transformer_xl")
+    report = score(out, budget, reach(from_dict(RunConfig, xl).validate()), failed)
     report["seed"], report["wall_seconds"] = seed, time.time() - started
     files.write_text(out / "report.json", json.dumps(report, indent=2))
     table = render(report)
     files.write_text(out / "table.md", table)
     print(table)
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(configs)} runs failed ({', '.join(failed)}: see their train.log); "
+                        f"the table in {out / 'table.md'} scores the others")
     return report
 
 
-def score(out: Path, budget: Budget) -> dict:
+def score(out: Path, budget: Budget, txl_reach: int, failed: list[str] = ()) -> dict:
     """Score the final checkpoints (or with budget.keep_best the best validation's): random walk
-    by document length and by position, algorithmic test."""
-    txl_reach = json.loads((out / "random_walk_transformer_xl" / "results.json").read_text())["reach"]
+    by document length and by position, algorithmic test; a failed run's scores are None."""
     weights = "best" if budget.keep_best else "final"
-    report = {"txl_reach": txl_reach, "weights": weights, "models": {}}
+    report = {"txl_reach": txl_reach, "weights": weights, "walk_lengths": budget.walk_eval_lengths, "models": {}, "failed": list(failed)}
     for model in MODELS:
         walk_dir, algo_dir = out / f"random_walk_{model}", out / f"algorithmic_{model}"
-        walk_results = json.loads((walk_dir / "results.json").read_text())
-        algo_results = json.loads((algo_dir / "results.json").read_text())
-        algo_scored = algo_results["best"] if budget.keep_best else algo_results
-        entry = {
-            "parameters": walk_results["parameters"],
-            "passes_per_token": walk_results["passes_per_token"],
-            "walk": {},
-            "walk_curve": walk_results["curve"],
-            "walk_scored_step": _scored_step(walk_results, budget),
-            "algo_error": algo_scored["test"]["error"],
-            "algo_scored_step": _scored_step(algo_results, budget),
-            "algo_curve": algo_results["curve"],
-            "algo_error_by_position": algo_scored["test_error_by_position"],
-        }
-        # train_docs=1: the scoring dataset needs only the test split (which train_docs does not change)
-        walks = {length: [f"task.eval_length={length}", f"task.eval_docs={TEST_WALKS}", "task.train_docs=1"] for length in budget.walk_eval_lengths}
-        if budget.keep_best:  # the final weights on the same walks, for comparison
-            longest = budget.walk_eval_lengths[-1]
-            entry["walk_final_weights_error"] = score_run(str(walk_dir), "test", walks[longest], "final").summary()["error"]
-        for length in budget.walk_eval_lengths:
-            tally = score_run(str(walk_dir), "test", walks[length], weights)
-            entry["walk"][length] = {
-                "error": tally.summary()["error"],
-                "beyond_txl_reach": tally.error_from(txl_reach),
-                "error_by_position": tally.error_by_position(bucket=32),
-            }
+        entry = {"parameters": None, "passes_per_token": None, "walk": None, "algo_error": None}
+        if str(walk_dir) not in failed:
+            entry.update(_walk_scores(walk_dir, budget, txl_reach))
+        if str(algo_dir) not in failed:
+            entry.update(_algo_scores(algo_dir, budget))
         report["models"][model] = entry
     return report
+
+
+def _walk_scores(walk_dir: Path, budget: Budget, txl_reach: int) -> dict:
+    results = json.loads((walk_dir / "results.json").read_text())
+    weights = "best" if budget.keep_best else "final"
+    entry = {"parameters": results["parameters"], "passes_per_token": results["passes_per_token"], "walk": {},
+             "walk_curve": results["curve"], "walk_scored_step": _scored_step(results, budget)}
+    # train_docs=1: the scoring dataset needs only the test split (which train_docs does not change)
+    walks = {length: [f"task.eval_length={length}", f"task.eval_docs={TEST_WALKS}", "task.train_docs=1"] for length in budget.walk_eval_lengths}
+    if budget.keep_best:  # the final weights on the same walks, for comparison
+        longest = budget.walk_eval_lengths[-1]
+        entry["walk_final_weights_error"] = score_run(str(walk_dir), "test", walks[longest], "final").summary()["error"]
+    for length in budget.walk_eval_lengths:
+        tally = score_run(str(walk_dir), "test", walks[length], weights)
+        entry["walk"][length] = {
+            "error": tally.summary()["error"],
+            "beyond_txl_reach": tally.error_from(txl_reach),
+            "error_by_position": tally.error_by_position(bucket=32),
+        }
+    return entry
+
+
+def _algo_scores(algo_dir: Path, budget: Budget) -> dict:
+    results = json.loads((algo_dir / "results.json").read_text())
+    scored = results["best"] if budget.keep_best else results
+    return {"algo_error": scored["test"]["error"], "algo_scored_step": _scored_step(results, budget),
+            "algo_curve": results["curve"], "algo_error_by_position": scored["test_error_by_position"]}
 
 
 def _scored_step(results: dict, budget: Budget) -> int:
@@ -292,21 +340,31 @@ def _scored_step(results: dict, budget: Budget) -> int:
 
 
 CHANCE = 87.5  # error % of a guess on the ring of 8
+FAILED = "failed"
+
+
+def _walk(entry: dict, length: int, key: str) -> float | None:
+    return None if entry["walk"] is None else entry["walk"][length][key]
+
+
+def _percent(value: float | None) -> str:
+    return FAILED if value is None else f"{value:.1f}"
 
 
 def target_lines(report: dict) -> list[str]:
-    """The issue's pass/fail conditions, each with the numbers it was judged on."""
-    walk = {name: entry["walk"] for name, entry in report["models"].items()}
-    longest, reach = max(walk["staircase"]), report["txl_reach"]
-    xl, stair = walk["transformer_xl"][longest]["beyond_txl_reach"], walk["staircase"][longest]["beyond_txl_reach"]
+    """The issue's pass/fail conditions, each with the numbers it was judged on (a check whose
+    run failed fails)."""
+    models, longest, reach = report["models"], report["walk_lengths"][-1], report["txl_reach"]
+    xl, stair = (_walk(models[name], longest, "beyond_txl_reach") for name in ("transformer_xl", "staircase"))
     checks = [
-        (f"Transformer-XL from position {reach} on {longest}-token walks: {xl:.1f}%, within 10 points of chance ({CHANCE}%)",
-         abs(xl - CHANCE) <= 10),
-        (f"Staircase from position {reach} on {longest}-token walks: {stair:.1f}%, at most half the Transformer-XL's", stair <= xl / 2),
+        (f"Transformer-XL from position {reach} on {longest}-token walks: {_percent(xl)}%, within 10 points of chance ({CHANCE}%)",
+         xl is not None and abs(xl - CHANCE) <= 10),
+        (f"Staircase from position {reach} on {longest}-token walks: {_percent(stair)}%, at most half the Transformer-XL's",
+         None not in (xl, stair) and stair <= xl / 2),
     ]
     for length in sorted({128, longest} if longest >= 1000 else {128}):  # 1,000+ tokens: the full variant's walks
-        error = walk["staircase"][length]["error"]
-        checks.append((f"Staircase on {length}-token walks: {error:.1f}%, under 5%", error < 5))
+        error = _walk(models["staircase"], length, "error")
+        checks.append((f"Staircase on {length}-token walks: {_percent(error)}%, under 5%", error is not None and error < 5))
     return [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]
 
 
@@ -315,18 +373,17 @@ def scored_lines(report: dict) -> str:
     models = report["models"]
     if report["weights"] == "final":
         return "Scored: the final weights of every run."
-    steps = ", ".join(f"{name} {e['walk_scored_step']} (walk) and {e['algo_scored_step']} (algorithmic)" for name, e in models.items())
-    final = ", ".join(f"{name} {e['walk_final_weights_error']:.1f}%" for name, e in models.items())
-    longest = max(next(iter(models.values()))["walk"])
+    steps = ", ".join(f"{name} {e.get('walk_scored_step', FAILED)} (walk) and {e.get('algo_scored_step', FAILED)} (algorithmic)"
+                      for name, e in models.items())
+    final = ", ".join(f"{name} {_percent(e.get('walk_final_weights_error'))}%" for name, e in models.items())
     return (f"Scored: the weights of each run's best validation (train.keep_best), of steps {steps}.\n"
-            f"For comparison, the final weights' error on the same {TEST_WALKS} test walks of {longest} tokens: {final}.")
+            f"For comparison, the final weights' error on the same {TEST_WALKS} test walks of "
+            f"{report['walk_lengths'][-1]} tokens: {final}.")
 
 
 def render(report: dict) -> str:
-    models = report["models"]
-    lengths = sorted(next(iter(models.values()))["walk"])
-    longest = lengths[-1]
-    reach = report["txl_reach"]
+    models, lengths = report["models"], report["walk_lengths"]
+    longest, reach = lengths[-1], report["txl_reach"]
     lines = [
         f"Random walk (P=8, chance 87.5%) and algorithmic task (3 variables); Transformer-XL reach = {reach} tokens; "
         f"train.seed {report.get('seed', 0)}.",
@@ -337,21 +394,24 @@ def render(report: dict) -> str:
         "|---" * (7 + len(lengths)) + "|",
     ]
     for name, entry in models.items():
-        walk = " | ".join(f"{entry['walk'][n]['error']:.1f}" for n in lengths)
+        walk = " | ".join(_percent(_walk(entry, n, "error")) for n in lengths)
         paper_walk, paper_algo = PAPER[name]
+        parameters = FAILED if entry["parameters"] is None else f"{entry['parameters']:,}"
         lines.append(
-            f"| {name} | {entry['parameters']:,} | {entry['passes_per_token']} | {walk} | "
-            f"{entry['walk'][longest]['beyond_txl_reach']:.1f} | {entry['algo_error']:.1f} | {paper_walk} | {paper_algo} |"
+            f"| {name} | {parameters} | {entry['passes_per_token'] or FAILED} | {walk} | "
+            f"{_percent(_walk(entry, longest, 'beyond_txl_reach'))} | {_percent(entry['algo_error'])} | {paper_walk} | {paper_algo} |"
         )
+    if report.get("failed"):
+        lines += ["", f"Failed runs (see their train.log): {', '.join(report['failed'])}."]
     lines += ["", scored_lines(report), "", "Targets (issue #2):", *target_lines(report)]
     lines += ["", f"Random-walk error % by position along {longest}-token test documents (bucket start: error):"]
     for name, entry in models.items():
-        curve = ", ".join(f"{first}: {error:.1f}" for first, error in entry["walk"][longest]["error_by_position"])
-        lines.append(f"- {name}: {curve}")
+        curve = _walk(entry, longest, "error_by_position")
+        lines.append(f"- {name}: " + (FAILED if curve is None else ", ".join(f"{first}: {error:.1f}" for first, error in curve)))
     lines += ["", "Learning curves (validation error % by step):"]
     for name, entry in models.items():
-        walk = ", ".join(f"{p['step']}: {p['valid_error']:.1f}" for p in entry["walk_curve"])
-        algo = ", ".join(f"{p['step']}: {p['valid_error']:.1f}" for p in entry["algo_curve"])
-        lines.append(f"- {name}: random walk [{walk}]; algorithmic [{algo}]")
+        walk, algo = ("[" + ", ".join(f"{p['step']}: {p['valid_error']:.1f}" for p in entry[key]) + "]" if key in entry else FAILED
+                      for key in ("walk_curve", "algo_curve"))
+        lines.append(f"- {name}: random walk {walk}; algorithmic {algo}")
     lines.append(f"\nwall time {report.get('wall_seconds', 0) / 60:.1f} min")
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import pytest
 
 from stairscale.config import RunConfig, from_dict
 from stairscale.errors import ConfigError
-from stairscale.reproduce import FULL, MODELS, QUICK, _makespan, fit_steps_scale, render, run_config
+from stairscale.reproduce import FULL, MODELS, QUICK, _fit, _makespan, fit_steps_scale, render, run_config
 
 
 def test_makespan_runs_longest_first_on_free_slots():
@@ -62,7 +62,7 @@ def test_the_table_judges_the_targets_of_the_issue():
         return {"parameters": 1, "passes_per_token": 1, "walk": walk, "walk_curve": [], "algo_error": 80.0, "algo_curve": [],
                 "walk_scored_step": 900, "algo_scored_step": 100, "walk_final_weights_error": 20.0}
 
-    report = {"txl_reach": 64, "weights": "best", "models": {
+    report = {"txl_reach": 64, "weights": "best", "walk_lengths": [128, 1024], "models": {
         "transformer_xl": model({128: (51.0, 86.0), 1024: (85.0, 87.0)}),
         "ladder": model({128: (44.0, 83.0), 1024: (80.0, 86.0)}),
         "staircase": model({128: (0.5, 4.0), 1024: (12.0, 12.5)}),
@@ -117,3 +117,49 @@ def _cmdline(pid: Path) -> bytes:
         return (pid / "cmdline").read_bytes()
     except OSError:  # the process ended meanwhile
         return b""
+
+
+def test_a_failed_run_is_a_row_that_says_so_and_its_targets_fail():
+    def model(walk: dict | None, algo: float | None) -> dict:
+        entry = {"parameters": None if walk is None else 1, "passes_per_token": None if walk is None else 1,
+                 "walk": walk, "algo_error": algo}
+        if walk is not None:
+            entry.update(walk_curve=[{"step": 10, "valid_error": 50.0}], walk_scored_step=10)
+        if algo is not None:
+            entry.update(algo_curve=[{"step": 10, "valid_error": 80.0}])
+        return entry
+
+    walk = {n: {"error": 1.0, "beyond_txl_reach": 1.0, "error_by_position": [[0, 1.0]]} for n in (128, 256)}
+    report = {"txl_reach": 64, "weights": "final", "walk_lengths": [128, 256], "failed": ["out/random_walk_transformer_xl"],
+              "models": {"transformer_xl": model(None, 80.0), "ladder": model(walk, 70.0), "staircase": model(walk, None)}}
+    table = render(report)
+    assert "| transformer_xl | failed | failed | failed | failed | failed | 80.0 | 84.1 | 48.7 |" in table
+    assert "| staircase | 1 | 1 | 1.0 | 1.0 | 1.0 | failed | 0.1 | 0.2 |" in table
+    assert "Failed runs (see their train.log): out/random_walk_transformer_xl." in table
+    targets = table.split("Targets (issue #2):\n")[1].split("\n\n")[0].splitlines()
+    assert targets[0] == "- FAIL: Transformer-XL from position 64 on 256-token walks: failed%, within 10 points of chance (87.5%)"
+    assert targets[1].startswith("- FAIL: Staircase from position 64") and targets[2].startswith("- PASS: Staircase on 128-token")
+    assert "- transformer_xl: random walk failed; algorithmic [10: 80.0]" in table
+
+
+def test_fitting_scales_training_not_validations_and_never_beyond_the_recipe():
+    runs = [(100.0, 10.0), (50.0, 5.0)]  # (training seconds of the recipe, evaluation seconds), two at a time
+    assert _fit(runs, parallel=2, seconds=1000) == 1.0  # a fast machine finishes early
+    assert _fit(runs, parallel=2, seconds=60) == pytest.approx(0.5)  # 0.5 * 100 + 10
+    assert _fit(runs, parallel=1, seconds=90) == pytest.approx(0.5)  # 0.5 * 150 + 15
+    assert _fit(runs, parallel=2, seconds=10) is None  # the validations alone take 10 s
+
+
+def test_a_failed_run_leaves_the_others_to_finish(tmp_path):
+    from stairscale.reproduce import run_all
+
+    def config(name: str, steps: int, window: int = 2) -> dict:
+        return {"model": {"schedule": "staircase", "d_model": 16, "d_ff": 32, "n_heads": 2, "chunk": 4, "attn_lim": 16, "window": window},
+                "task": {"train_lengths": [16], "train_length_steps": [0], "eval_length": 16, "eval_docs": 4, "train_docs": 64},
+                "train": {"steps": steps, "lanes": 4, "segment_len": 16, "warmup_steps": 1, "eval_every": 0, "threads": 1},
+                "data": {"cache": str(tmp_path / "datasets")}, "run_dir": str(tmp_path / name)}
+
+    failed = run_all([config("trains", 3), config("fails", 1000, window=0)], parallel=1)  # longest first: the failure
+    assert failed == [str(tmp_path / "fails")]
+    assert "model.window" in (tmp_path / "fails" / "train.log").read_text()
+    assert (tmp_path / "trains" / "results.json").exists()
