@@ -15,6 +15,7 @@
 # Needs the package importable with the machine's own torch (PYTHONPATH=. and the wheels of
 # webdataset and tensorboard; `pip install -e .` would pull setup.cfg's pinned torch instead).
 # GPU_CHECK_CPU=1 lets it run without CUDA, to try the script itself on a CPU machine.
+# PRECISION_CHECK=1 takes up to 270 s more: give SECONDS that much more (the device allows 600).
 set -uo pipefail
 deadline=$((SECONDS + ${1:-560}))
 out=${2:-${OUT:-runs/gpu_check}}
@@ -51,6 +52,10 @@ timeout 150 python -m stairscale.cli bench step --set train.precision=fp32 --ste
 fastest=$(awk '/^fastest:/ {print $2}' "$out/bench_step.txt")
 
 left=$((deadline - SECONDS))
+if (( left < 120 )); then
+  echo "gpu_check: $left s left, too few for the reproduction (give SECONDS more room)" | tee "$out/tracking.txt"
+  exit 1
+fi
 minutes=$(python -c "print(round(($left - 20) / 60, 2))")  # 20 s for the table after the runs
 echo "gpu_check: reproduce tracking with --compile ${fastest:-none}, fitted to $minutes minutes" | tee "$out/tracking.txt"
 timeout "$left" python -m stairscale.cli reproduce tracking --fit-minutes "$minutes" --compile "${fastest:-none}" \

@@ -16,7 +16,7 @@ if [[ ${NNODES:-1} != 1 ]]; then  # several nodes
         echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (the first node) and NODE_RANK (0 to NNODES-1) on every node" >&2
         exit 2
     fi
-    if [[ ! $NODE_RANK =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
+    if [[ ! $NODE_RANK =~ ^(0|[1-9][0-9]*)$ ]] || (( NODE_RANK >= NNODES )); then
         echo "launch/torchrun.sh: NODE_RANK=$NODE_RANK must be one of 0 to $((NNODES - 1)) (NNODES=$NNODES)" >&2
         exit 2
     fi

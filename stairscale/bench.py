@@ -80,7 +80,9 @@ class StepTimer:
         return (time.perf_counter() - started) / steps
 
     def seconds_per_validation(self) -> float:
-        """One validation as training runs it (the split read afresh, train.eval_batches kept)."""
+        """One validation as training runs it (the split read afresh, train.eval_batches kept),
+        after one that pays for compiling the evaluation's graphs."""
+        self.trainer._tally("valid")
         self._wait_for_all()
         started = time.perf_counter()
         self.trainer._tally("valid")
@@ -142,7 +144,7 @@ def bench_pipeline(cfg: RunConfig, micro_batches: list[int], steps: int, warmup:
         with StepTimer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=count))) as timer:
             seconds = timer.seconds_per_step(steps, warmup)
             runner = getattr(timer.trainer.model, "runner", None)
-            layout, timed = timer.trainer.layout, timer.trainer.cfg.train.grad_accum
+            layout, timed = timer.trainer.layout, timer.trainer.cfg.train.grad_accum  # what was timed, read back
         calls = runner.schedule.count(cfg.train.segment_len) if runner else 1
         slots = len(schedule(cfg.parallel.pipeline, timed, calls).slots) / timed  # in units of one micro-batch's action
         rows.append({"micro_batches": timed, "seconds_per_step": seconds, "model_slots": slots, "layout": layout})

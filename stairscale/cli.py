@@ -183,8 +183,8 @@ def reproduce_command(args: argparse.Namespace) -> None:
     if args.fit_minutes:
         scale = fit_steps_scale(QUICK if args.quick else FULL, Path(args.out), args.fit_minutes, args.compile, started)
     elif not args.quick and scale == 1.0:
-        print("reproduce tracking: the full recipe fits a GPU's 10 minutes only at about 18 ms per Staircase step; "
-              "--fit-minutes 9 measures this machine first and scales the runs to fit", flush=True)
+        print("reproduce tracking: the full recipe is planned for a fast GPU (docs/reproducing.md); --fit-minutes 9 "
+              "measures this machine first and scales the runs to end within 9 minutes", flush=True)
     reproduce_tracking(quick=args.quick, out=Path(args.out), steps_scale=scale, compile=args.compile, seed=args.seed,
                        started=started)
 

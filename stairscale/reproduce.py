@@ -9,6 +9,7 @@ single-thread processes do twice the work of one two-thread process).
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def run_config(task: str, model: str, budget: Budget, out: Path, steps_scale: fl
         starts = [0]
         task_cfg = dict(name="algorithmic", variables=3, eval_docs=256)
     train.update(steps=steps, warmup_steps=max(1, min(round(200 * steps_scale), shortest_stage(starts, steps) // 2)),
-                 eval_every=-(-steps // budget.validations), keep_best=budget.keep_best)
+                 eval_every=math.ceil(steps / budget.validations), keep_best=budget.keep_best)
     return dict(model={**CORE, **MODELS[model]}, task=task_cfg, train=train, run_dir=str(out / f"{task}_{model}"))
 
 
@@ -254,7 +255,8 @@ def _fit(runs: list[tuple[float, float]], parallel: int, seconds: float) -> floa
 
 
 def _makespan(costs: list[float], parallel: int) -> float:
-    """Wall time of jobs run `parallel` at a time, longest first, each starting when a slot frees."""
+    """Wall time of jobs run `parallel` at a time, longest first, each starting when a slot frees
+    (run_all orders by steps, a Staircase's counted twice: the same order where that matches cost)."""
     slots = [0.0] * parallel
     for cost in sorted(costs, reverse=True):
         slots[slots.index(min(slots))] += cost
@@ -347,6 +349,12 @@ def _walk(entry: dict, length: int, key: str) -> float | None:
     return None if entry["walk"] is None else entry["walk"][length][key]
 
 
+def _curve(entry: dict, key: str) -> str:
+    if key not in entry:
+        return FAILED
+    return "[" + ", ".join(f"{point['step']}: {point['valid_error']:.1f}" for point in entry[key]) + "]"
+
+
 def _percent(value: float | None) -> str:
     return FAILED if value is None else f"{value:.1f}"
 
@@ -410,8 +418,6 @@ def render(report: dict) -> str:
         lines.append(f"- {name}: " + (FAILED if curve is None else ", ".join(f"{first}: {error:.1f}" for first, error in curve)))
     lines += ["", "Learning curves (validation error % by step):"]
     for name, entry in models.items():
-        walk, algo = ("[" + ", ".join(f"{p['step']}: {p['valid_error']:.1f}" for p in entry[key]) + "]" if key in entry else FAILED
-                      for key in ("walk_curve", "algo_curve"))
-        lines.append(f"- {name}: random walk {walk}; algorithmic {algo}")
+        lines.append(f"- {name}: random walk {_curve(entry, 'walk_curve')}; algorithmic {_curve(entry, 'algo_curve')}")
     lines.append(f"\nwall time {report.get('wall_seconds', 0) / 60:.1f} min")
     return "\n".join(lines) + "\n"

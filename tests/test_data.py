@@ -19,7 +19,9 @@ import pytest
 import webdataset as wds
 
 from stairscale.config import DataConfig, RunConfig, TaskConfig, TrainConfig
-from stairscale.data.loader import LaneLoader, LoaderSpec, deal_warning
+from stairscale.data import loader
+from stairscale.data.lanes import pack
+from stairscale.data.loader import LaneLoader, LoaderSpec, deal_warning, document_groups
 from stairscale.data.prepare import check_prepared_for, content_hash, dataset_dir, prepare_dataset
 from stairscale.data.shards import MANIFEST, Dataset, Shard
 from stairscale.data.tasks import TextTask
@@ -629,18 +631,20 @@ def test_bpe_reads_utf8_and_names_a_document_that_is_not(tmp_path):
         prepare_dataset(RunConfig(task=dataclasses.replace(task, path=str(folder))), tmp_path / "bad_folder")
 
 
-def test_one_text_is_cut_into_a_piece_per_lane_of_near_equal_lengths(tmp_path):
-    """Fewer pieces than lanes: exactly one piece per lane, so no lane's epoch is twice as long;
-    pieces of piece_len tokens count their start token; too little text for the lanes is refused."""
+def test_one_text_is_cut_into_pieces_that_deal_evenly_to_the_lanes(tmp_path):
+    """One text is cut into a multiple of the split's shards (two a lane by default) of near-equal
+    lengths, so no lane's epoch is longer; pieces of piece_len tokens count their start token;
+    too little text for the lanes is refused."""
     corpus = tmp_path / "book.txt"
     corpus.write_bytes(bytes(range(32, 127)) * 11)  # 1,045 bytes, 940 in the train split
     task = TaskConfig(name="text", path=str(corpus))
     prepare_dataset(RunConfig(task=task, train=TrainConfig(lanes=64)), tmp_path / "lanes")
     lengths = [len(doc.tokens) for doc in Dataset(tmp_path / "lanes").documents("train")]
-    assert len(lengths) == 64 and max(lengths) - min(lengths) <= 1 and sum(lengths) == 940 + 64
-    prepare_dataset(RunConfig(task=dataclasses.replace(task, piece_len=100), train=TrainConfig(lanes=1)), tmp_path / "pieces")
-    lengths = [len(doc.tokens) for doc in Dataset(tmp_path / "pieces").documents("train")]
-    assert len(lengths) == 10 and max(lengths) <= 100 and sum(lengths) - len(lengths) == 940  # 940 = 10 * 94
+    assert len(lengths) == 128 and max(lengths) - min(lengths) <= 1 and sum(lengths) == 940 + 128
+    assert len(Dataset(tmp_path / "lanes").shards("train")) == 128
+    prepare_dataset(RunConfig(task=dataclasses.replace(task, piece_len=10), train=TrainConfig(lanes=1)), tmp_path / "pieces")
+    lengths = [len(doc.tokens) for doc in Dataset(tmp_path / "pieces").documents("train")]  # 105 pieces of 9: 2 x 64 shards
+    assert len(lengths) == 128 and max(lengths) <= 10 and sum(lengths) - len(lengths) == 940
     corpus.write_bytes(b"x" * 60)
     with pytest.raises(DataError, match="the train split has 54 tokens .* fewer than train.lanes 64"):
         prepare_dataset(RunConfig(task=task, train=TrainConfig(lanes=64)), tmp_path / "few")
@@ -680,3 +684,24 @@ def test_a_dataset_that_cannot_be_written_is_named_and_leaves_nothing(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"stairscale: error: dataset {out} could not be written ([Errno 27] File too large); nothing was put in place" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_document_groups_cover_every_document_once_in_order():
+    lengths = np.array([5, 3, 10, 1, 1, 1, 7])
+    assert document_groups(lengths, 8) == [(0, 2), (2, 3), (3, 7)]
+    assert document_groups(lengths, 100) == [(0, 7)]
+    assert document_groups(lengths, 1) == [(i, i + 1) for i in range(7)]
+
+
+def test_a_lane_packs_its_shard_a_group_of_documents_at_a_time(dataset, monkeypatch):
+    """The blocks a lane reads, packed a few documents at a time, are the whole shard packed at once."""
+    data = Dataset(dataset)
+    shards = data.shards("train")
+    spec = LoaderSpec(str(dataset), "train", 1, 16, 4, seed=0, shuffle=False)
+    monkeypatch.setattr(loader, "PACK_TOKENS", 50)  # one or two of the test corpus's documents per block
+    blocks = list(loader._lane_blocks(spec, data, shards[:2], 0))
+    whole = []
+    for shard in shards[:2]:
+        docs = data.read_shard(shard)
+        whole.append(pack(docs.tokens, docs.labels, docs.lengths, docs.ids, 4, data.vocab.pad_id))
+    assert len(blocks) > 2 and np.array_equal(np.concatenate(blocks, axis=1), np.concatenate(whole, axis=1))

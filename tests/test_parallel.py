@@ -196,7 +196,7 @@ def test_dropout_under_tensor_parallel_keeps_the_replicated_weights_equal(config
     got = launch_runs(2, config, tmp_path, {"dropout": dropout})
     records = [json.loads((tmp_path / "dropout" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert records[0]["dropout_seed"] != records[1]["dropout_seed"]
-    assert got["dropout"][0][0]["loss"] != single["staircase"][0][0]["loss"]  # the masks did act
+    assert abs(got["dropout"][0][0]["loss"] / single["staircase"][0][0]["loss"] - 1) > 1e-3  # the masks did act (not rounding)
     assert records[0]["replicated_sha256"] == records[1]["replicated_sha256"]
 
 

@@ -163,3 +163,14 @@ def test_a_failed_run_leaves_the_others_to_finish(tmp_path):
     assert failed == [str(tmp_path / "fails")]
     assert "model.window" in (tmp_path / "fails" / "train.log").read_text()
     assert (tmp_path / "trains" / "results.json").exists()
+
+
+def test_steps_scale_and_fit_minutes_are_refused_together(tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "stairscale.cli", "reproduce", "tracking", "--steps-scale", "0.5", "--fit-minutes", "9",
+               "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()

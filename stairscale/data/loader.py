@@ -68,7 +68,7 @@ def check_a_shard_per_lane(root: str, split: str, shards: list[Shard], lanes: in
         raise DataError(
             f"dataset {root}: split {split} has {len(shards)} shards ({documents} documents) for {lanes} lanes; a lane "
             "reads whole shards, so some lanes would train on padding only. Prepare it again, into a new directory, with "
-            "this run's train.lanes and data.shard_docs 0 (a shard per lane, given at least as many documents as lanes: "
+            "this run's train.lanes and data.shard_docs 0 (two shards a lane or more, given as many documents: "
             "task.train_docs for the random walk), or use fewer lanes"
         )
 
@@ -106,10 +106,34 @@ def lane_position(spec: LoaderSpec, lane_shards: list[Shard], step: int) -> tupl
     return len(lane_shards), 0, 0  # past the lane's last document: padding only
 
 
+PACK_TOKENS = 1 << 16  # tokens of whole documents packed at a time (20 bytes each once packed)
+
+
 def _lane_blocks(spec: LoaderSpec, dataset: Dataset, lane_shards: list[Shard], first: int) -> Iterator[np.ndarray]:
+    """A lane's shards as packed blocks of whole documents, about PACK_TOKENS tokens each (a
+    longer document is a block of its own): a lane holds its shard in the shard's compact dtype
+    and only one block packed, so memory follows the lanes, not the split's size."""
     for shard in lane_shards[first:]:
         docs = dataset.read_shard(shard)
-        yield pack(docs.tokens, docs.labels, docs.lengths, docs.ids, spec.chunk, dataset.vocab.pad_id)
+        ends = np.cumsum(docs.lengths)
+        for a, b in document_groups(docs.lengths, PACK_TOKENS):
+            start, stop = ends[a] - docs.lengths[a], ends[b - 1]
+            labels = None if docs.labels is None else docs.labels[start:stop]
+            yield pack(docs.tokens[start:stop], labels, docs.lengths[a:b], docs.ids[a:b], spec.chunk, dataset.vocab.pad_id)
+
+
+def document_groups(lengths: np.ndarray, size: int) -> list[tuple[int, int]]:
+    """Consecutive ranges [a, b) of documents, each ending at the first document that brings it to
+    `size` tokens or more (the last may be shorter)."""
+    groups, a, total = [], 0, 0
+    for index, length in enumerate(lengths.tolist()):
+        total += length
+        if total >= size:
+            groups.append((a, index + 1))
+            a, total = index + 1, 0
+    if a < len(lengths):
+        groups.append((a, len(lengths)))
+    return groups
 
 
 def epoch_segments(spec: LoaderSpec, dataset: Dataset, plan: EpochPlan, lanes: list[int], start_step: int) -> Iterator[np.ndarray]:

@@ -59,22 +59,25 @@ def _walks(task: RandomWalkTask, cfg: TaskConfig, length: int) -> Iterator[Docum
         yield task.document(int(rng.integers(shortest, length + 1)), rng)
 
 
-TEXT_CUT = 2  # the version of text_pieces' cutting: a new one names new cached datasets
+TEXT_CUT = 3  # the version of text_pieces' cutting: a new one names new cached datasets
 
 
-def text_pieces(documents: list[Document], piece_len: int, lanes: int, bos_id: int) -> list[Document]:
-    """Texts cut into pieces of at most `piece_len` tokens, the start token included; where that
-    leaves fewer pieces than lanes, into exactly `lanes` pieces of near-equal lengths (one text
-    file fills every training lane, and every lane's pieces last about as long)."""
+def text_pieces(documents: list[Document], piece_len: int, shards: int, lanes: int, bos_id: int) -> list[Document]:
+    """Texts cut into pieces of at most `piece_len` tokens, the start token included, so that they
+    deal evenly to the split's `shards`: one text (enwik8, a book) into a multiple of `shards`
+    pieces of near-equal lengths, and texts that give fewer pieces than `shards` into exactly
+    `shards` (each text into parts in proportion to its length). Every lane of the `lanes` needs
+    a piece of text."""
     bodies = [len(doc.tokens) - 1 for doc in documents]  # the tokens after each text's start token
-    pieces = [piece for doc, body in zip(documents, bodies) for piece in _cut(doc, math.ceil(body / (piece_len - 1)), bos_id)]
-    if not documents or len(pieces) >= lanes:  # (an empty split is refused by the caller)
-        return pieces
+    natural = [math.ceil(body / (piece_len - 1)) for body in bodies]
+    if not documents or shards == 1 or (len(documents) > 1 and sum(natural) >= shards):  # (an empty split is refused by the caller)
+        return [piece for doc, count in zip(documents, natural) for piece in _cut(doc, count, bos_id)]
     if sum(bodies) < lanes:
         raise DataError(f"the train split has {sum(bodies)} tokens after its start tokens, fewer than train.lanes "
                         f"{lanes}: every lane needs a piece of text; use a larger corpus or fewer lanes")
+    wanted = shards * math.ceil(sum(natural) / shards) if len(documents) == 1 else shards
     parts = [1] * len(documents)
-    for _ in range(lanes - len(documents)):  # one more part to the text with the longest parts
+    for _ in range(min(wanted, sum(bodies)) - len(documents)):  # one more part to the text with the longest parts
         longest = max(range(len(documents)), key=lambda i: bodies[i] / parts[i])
         parts[longest] += 1
     return [piece for doc, count in zip(documents, parts) for piece in _cut(doc, count, bos_id)]
@@ -105,8 +108,9 @@ def prepare_dataset(cfg: RunConfig, out_dir: str | Path, replace: bool = False) 
     if cfg.task.tokenizer == "bpe":
         vocab, splits, files[TOKENIZER] = bpe_encode(splits, cfg.task.bpe_vocab, cut_by_bytes=task.format != "files")
     if isinstance(task, TextTask):  # cut after tokenizing, so that no piece starts inside a character
-        # Only the train split needs a piece per lane: evaluation pieces stay long, whatever the lanes.
-        splits = {name: text_pieces(docs, cfg.task.piece_len, cfg.train.lanes if name == "train" else 1, vocab.bos_id)
+        # Only the train split is dealt to lanes: evaluation pieces stay long, whatever the lanes.
+        train_shards = cfg.train.lanes if cfg.data.shard_docs else shards_per_split(cfg)
+        splits = {name: text_pieces(docs, cfg.task.piece_len, *((train_shards, cfg.train.lanes) if name == "train" else (1, 1)), vocab.bos_id)
                   for name, docs in splits.items()}
     empty = [name for name, docs in splits.items() if not docs]
     if empty:  # only format "files" can leave a split empty: each non-empty file goes to one split

@@ -312,9 +312,9 @@ class Dataset:
             return None
         if not _in_vocab(tokens, len(self.vocab)) or (labels is not None and not _in_vocab(labels[labels != IGNORE], len(self.vocab))):
             return None
-        return ShardDocuments(
-            tokens=tokens.astype(np.int64),
-            labels=labels.astype(np.int64) if labels is not None else None,
+        return ShardDocuments(  # in the manifest's compact dtypes: a lane holds its whole shard
+            tokens=tokens,
+            labels=labels,
             lengths=lengths,
             ids=shard.first_document + np.arange(len(lengths)),
         )
@@ -455,7 +455,7 @@ def _manifest_entry(path: Path, where: str = ""):
 
 @dataclass
 class ShardDocuments:
-    tokens: np.ndarray  # all documents' tokens, one after another
+    tokens: np.ndarray  # all documents' tokens, one after another (an integer dtype, often compact)
     labels: np.ndarray | None  # the same for aligned labels; None for language modelling
     lengths: np.ndarray  # tokens per document
     ids: np.ndarray  # document index in the split

@@ -51,7 +51,6 @@ def evaluate(model, cfg: RunConfig, loader: LaneLoader, device: torch.device, la
     return collectives.sum_tallies(tally, layout)
 
 
-
 def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str = "final") -> Tally:
     """Load a run's config and its final (or best) weights and score `split` with carried state
     from a fresh start."""
