@@ -281,8 +281,8 @@ def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0, compile
     for config in configs:  # before any run starts: one that would mix with an earlier run in --out
         refuse_another_run(from_dict(RunConfig, config).validate())
     failed = run_all(configs, budget.parallel)
-    xl = next(c for c in configs if c["task"]["name"] == "random_walk" and c["model"]["schedule"] == "transformer_xl")
-    report = score(out, budget, reach(from_dict(RunConfig, xl).validate()), failed)
+    xl = from_dict(RunConfig, run_config("random_walk", "transformer_xl", budget, out, steps_scale, compile, seed)).validate()
+    report = score(out, budget, reach(xl), failed)
     report["seed"], report["wall_seconds"] = seed, time.time() - started
     files.write_text(out / "report.json", json.dumps(report, indent=2))
     table = render(report)
