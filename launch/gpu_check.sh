@@ -17,7 +17,8 @@
 # GPU_CHECK_CPU=1 lets it run without CUDA, to try the script itself on a CPU machine.
 # PRECISION_CHECK=1 takes up to 270 s more: give SECONDS that much more (the device allows 600).
 set -uo pipefail
-deadline=$((SECONDS + ${1:-560}))
+budget=${1:-560}
+deadline=$((SECONDS + budget))
 out=${2:-${OUT:-runs/gpu_check}}
 work=${WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$out" "$work"
@@ -50,6 +51,7 @@ fi
 timeout 150 python -m stairscale.cli bench step --set train.precision=fp32 --steps 20 --warmup 10 --compile default \
   > "$out/bench_step.txt" 2>&1 || echo "gpu_check: bench step failed or ran out of time" >> "$out/bench_step.txt"
 fastest=$(awk '/^fastest:/ {print $2}' "$out/bench_step.txt")
+fastest=${fastest:-none}
 
 left=$((deadline - SECONDS))
 if (( left < 120 )); then
@@ -57,8 +59,8 @@ if (( left < 120 )); then
   exit 1
 fi
 minutes=$(python -c "print(round(($left - 20) / 60, 2))")  # 20 s for the table after the runs
-echo "gpu_check: reproduce tracking with --compile ${fastest:-none}, fitted to $minutes minutes" | tee "$out/tracking.txt"
-timeout "$left" python -m stairscale.cli reproduce tracking --fit-minutes "$minutes" --compile "${fastest:-none}" \
+echo "gpu_check: reproduce tracking with --compile $fastest, fitted to $minutes minutes" | tee "$out/tracking.txt"
+timeout "$left" python -m stairscale.cli reproduce tracking --fit-minutes "$minutes" --compile "$fastest" \
   --out "$work/tracking" >> "$out/tracking.txt" 2>&1
-echo "gpu_check: reproduce exited with $? after $((SECONDS - deadline + ${1:-560})) s" >> "$out/tracking.txt"
+echo "gpu_check: reproduce exited with $? after $((SECONDS - deadline + budget)) s" >> "$out/tracking.txt"
 cp "$work/tracking/table.md" "$work/tracking/report.json" "$out/" 2>/dev/null || true

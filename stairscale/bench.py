@@ -82,10 +82,10 @@ class StepTimer:
     def seconds_per_validation(self) -> float:
         """One validation as training runs it (the split read afresh, train.eval_batches kept),
         after one that pays for compiling the evaluation's graphs."""
-        self.trainer._tally("valid")
+        self.trainer.score_split("valid")
         self._wait_for_all()
         started = time.perf_counter()
-        self.trainer._tally("valid")
+        self.trainer.score_split("valid")
         self._wait_for_all()
         return time.perf_counter() - started
 
@@ -185,7 +185,7 @@ def bench_step(cfg: RunConfig, modes: list[str], steps: int, warmup: int) -> lis
     waits = "" if syncs.count is None else f", host waits for the device {syncs.count}x"
     print(f"compile none: {eager['ms_per_step']:.1f} ms/step | speed-up over eager 1.00x | {counter.ops} ops dispatched{waits}", flush=True)
     rows = [eager]
-    for mode in [m for m in modes if m != "none"]:
+    for mode in [mode for mode in modes if mode != "none"]:
         try:
             row = {"compile": mode, "ms_per_step": measure_step(cfg, steps, warmup, compile=mode) * 1e3}
             print(f"compile {mode}: {row['ms_per_step']:.1f} ms/step | speed-up over eager {eager['ms_per_step'] / row['ms_per_step']:.2f}x", flush=True)

@@ -327,6 +327,19 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def reach(cfg: RunConfig) -> int | None:
+    """How far back a model can see without carried state, or None for the staircase family,
+    whose carried state has no bound. With memory: attention span plus memory (the paper's
+    measure), or the stacked span of all layer passes if that is longer."""
+    m = cfg.model
+    if m.is_staircase:
+        return None
+    stacked = m.n_layers * m.repeats * (m.attn_lim - 1) + 1
+    if m.mem_len == 0:
+        return min(cfg.train.segment_len, stacked)
+    return max(m.attn_lim + m.mem_len, stacked)
+
+
 INT_LIMIT = 2**31
 SEED_LIMIT = 2**63  # seeds: torch.manual_seed takes 64 bits, and each rank adds its rank
 

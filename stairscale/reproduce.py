@@ -20,10 +20,9 @@ from pathlib import Path
 import yaml
 
 from stairscale import files
-from stairscale.config import shortest_stage
+from stairscale.config import reach, shortest_stage
 from stairscale.errors import ConfigError, RunFailed
 from stairscale.train.scoring import score_run
-from stairscale.train.trainer import reach
 
 TEST_WALKS = 256  # random-walk test documents scored per length
 
@@ -45,7 +44,7 @@ MODELS = {
 
 @dataclass
 class Budget:
-    """How long each run trains, per variant."""
+    """A variant's recipe: each run's steps, curriculum, lanes, validations and machine settings."""
 
     walk_steps: dict[str, int]
     walk_lengths: list[int]
@@ -62,6 +61,11 @@ class Budget:
     threads: int
     parallel: int
     device: str
+
+    @property
+    def weights(self) -> str:
+        """The weights each run is scored with."""
+        return "best" if self.keep_best else "final"
 
 
 # The quick curriculum stops at walks of 128 tokens, though its test walks are 256 tokens long. In
@@ -297,8 +301,7 @@ def reproduce_tracking(quick: bool, out: Path, steps_scale: float = 1.0, compile
 def score(out: Path, budget: Budget, txl_reach: int, failed: list[str] = ()) -> dict:
     """Score the final checkpoints (or with budget.keep_best the best validation's): random walk
     by document length and by position, algorithmic test; a failed run's scores are None."""
-    weights = "best" if budget.keep_best else "final"
-    report = {"txl_reach": txl_reach, "weights": weights, "walk_lengths": budget.walk_eval_lengths, "models": {}, "failed": list(failed)}
+    report = {"txl_reach": txl_reach, "weights": budget.weights, "walk_lengths": budget.walk_eval_lengths, "models": {}, "failed": list(failed)}
     for model in MODELS:
         walk_dir, algo_dir = out / f"random_walk_{model}", out / f"algorithmic_{model}"
         entry = {"parameters": None, "passes_per_token": None, "walk": None, "algo_error": None}
@@ -312,7 +315,6 @@ def score(out: Path, budget: Budget, txl_reach: int, failed: list[str] = ()) -> 
 
 def _walk_scores(walk_dir: Path, budget: Budget, txl_reach: int) -> dict:
     results = json.loads((walk_dir / "results.json").read_text())
-    weights = "best" if budget.keep_best else "final"
     entry = {"parameters": results["parameters"], "passes_per_token": results["passes_per_token"], "walk": {},
              "walk_curve": results["curve"], "walk_scored_step": _scored_step(results, budget)}
     # train_docs=1: the scoring dataset needs only the test split (which train_docs does not change)
@@ -321,7 +323,7 @@ def _walk_scores(walk_dir: Path, budget: Budget, txl_reach: int) -> dict:
         longest = budget.walk_eval_lengths[-1]
         entry["walk_final_weights_error"] = score_run(str(walk_dir), "test", walks[longest], "final").summary()["error"]
     for length in budget.walk_eval_lengths:
-        tally = score_run(str(walk_dir), "test", walks[length], weights)
+        tally = score_run(str(walk_dir), "test", walks[length], budget.weights)
         entry["walk"][length] = {
             "error": tally.summary()["error"],
             "beyond_txl_reach": tally.error_from(txl_reach),
@@ -362,12 +364,12 @@ def _percent(value: float | None) -> str:
 def target_lines(report: dict) -> list[str]:
     """The issue's pass/fail conditions, each with the numbers it was judged on (a check whose
     run failed fails)."""
-    models, longest, reach = report["models"], report["walk_lengths"][-1], report["txl_reach"]
+    models, longest, txl_reach = report["models"], report["walk_lengths"][-1], report["txl_reach"]
     xl, stair = (_walk(models[name], longest, "beyond_txl_reach") for name in ("transformer_xl", "staircase"))
     checks = [
-        (f"Transformer-XL from position {reach} on {longest}-token walks: {_percent(xl)}%, within 10 points of chance ({CHANCE}%)",
+        (f"Transformer-XL from position {txl_reach} on {longest}-token walks: {_percent(xl)}%, within 10 points of chance ({CHANCE}%)",
          xl is not None and abs(xl - CHANCE) <= 10),
-        (f"Staircase from position {reach} on {longest}-token walks: {_percent(stair)}%, at most half the Transformer-XL's",
+        (f"Staircase from position {txl_reach} on {longest}-token walks: {_percent(stair)}%, at most half the Transformer-XL's",
          None not in (xl, stair) and stair <= xl / 2),
     ]
     for length in sorted({128, longest} if longest >= 1000 else {128}):  # 1,000+ tokens: the full variant's walks
@@ -391,14 +393,14 @@ def scored_lines(report: dict) -> str:
 
 def render(report: dict) -> str:
     models, lengths = report["models"], report["walk_lengths"]
-    longest, reach = lengths[-1], report["txl_reach"]
+    longest, txl_reach = lengths[-1], report["txl_reach"]
     lines = [
-        f"Random walk (P=8, chance 87.5%) and algorithmic task (3 variables); Transformer-XL reach = {reach} tokens; "
+        f"Random walk (P=8, chance {CHANCE}%) and algorithmic task (3 variables); Transformer-XL reach = {txl_reach} tokens; "
         f"train.seed {report.get('seed', 0)}.",
         "",
         "| model | parameters | passes/token | "
         + " | ".join(f"walk err % ({n}-token docs)" for n in lengths)
-        + f" | walk err % from pos {reach} on ({longest}-token docs) | algorithmic err % | paper walk | paper algorithmic |",
+        + f" | walk err % from pos {txl_reach} on ({longest}-token docs) | algorithmic err % | paper walk | paper algorithmic |",
         "|---" * (7 + len(lengths)) + "|",
     ]
     for name, entry in models.items():

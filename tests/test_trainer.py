@@ -17,7 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stairscale.bench import bench_data, bench_step
-from stairscale.config import load_config
+from stairscale.config import load_config, reach
 from stairscale.data.prepare import train_split
 from stairscale.data.tasks import IGNORE
 from stairscale.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
@@ -25,7 +25,7 @@ from stairscale.model.core import call_shapes_bound
 from stairscale.train.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
 from stairscale.train.scoring import evaluate, evaluate_run
 from stairscale.train.splits import make_loader
-from stairscale.train.trainer import Trainer, learning_rate, reach
+from stairscale.train.trainer import Trainer, learning_rate
 
 TINY = ["model.d_model=16", "model.d_ff=32", "model.n_heads=2", "train.lanes=4", "train.segment_len=16",
         "model.chunk=4", "model.attn_lim=16", "train.log_every=2", "train.eval_every=3", "task.eval_docs=8",

@@ -43,6 +43,11 @@ def padded(length: int, chunk: int) -> int:
     return -(-length // chunk) * chunk
 
 
+def padded_tokens(lengths, chunk: int) -> int:
+    """Positions documents of these lengths take in a lane, each padded to whole chunks."""
+    return sum(padded(n, chunk) for n in lengths)
+
+
 @dataclass
 class EpochPlan:
     lanes: list[list[Shard]]  # shards of each global lane, in reading order
@@ -57,7 +62,7 @@ def plan_epoch(spec: LoaderSpec, shards: list[Shard], epoch: int) -> EpochPlan:
         shard = shards[index]
         lane = loads.index(min(loads))
         lanes[lane].append(shard)
-        loads[lane] += sum(padded(n, spec.chunk) for n in shard.lengths)
+        loads[lane] += padded_tokens(shard.lengths, spec.chunk)
     return EpochPlan(lanes, math.ceil(max(loads) / spec.segment_len))
 
 
@@ -78,7 +83,7 @@ def deal_warning(spec: LoaderSpec, shards: list[Shard]) -> str | None:
     lane, epochs repeat the same batches (with one each, exactly, rows permuted), and an uneven
     deal leaves lanes padding while others still read."""
     plan = plan_epoch(spec, shards, 0)
-    data = sum(padded(n, spec.chunk) for shard in shards for n in shard.lengths)
+    data = sum(padded_tokens(shard.lengths, spec.chunk) for shard in shards)
     used = data / (plan.steps * spec.segment_len * spec.lanes)
     problems = []
     if len(shards) < 2 * spec.lanes:
@@ -144,7 +149,7 @@ def epoch_segments(spec: LoaderSpec, dataset: Dataset, plan: EpochPlan, lanes: l
         stream = LaneStream(_lane_blocks(spec, dataset, plan.lanes[lane], shard_index), dataset.vocab.pad_id)
         if shard_index < len(plan.lanes[lane]):  # resume inside the shard
             lengths = plan.lanes[lane][shard_index].lengths[:doc_index]
-            skip = sum(padded(n, spec.chunk) for n in lengths) + offset
+            skip = padded_tokens(lengths, spec.chunk) + offset
             if skip:
                 stream.take(skip)
         streams.append(stream)
@@ -191,7 +196,6 @@ class LaneLoader:
         if spec.lanes % dp_size:
             raise ValueError(f"train.lanes={spec.lanes} is not divisible by the data-parallel size {dp_size}")
         self.spec = spec
-        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.workers, self.prefetch = workers, prefetch
         per_rank = spec.lanes // dp_size
         self.local_lanes = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))

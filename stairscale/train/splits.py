@@ -22,9 +22,14 @@ def make_loader(cfg: RunConfig, root, split: str, training: bool, layout: Layout
     return LaneLoader(spec, layout.dp_rank, layout.dp, workers=cfg.data.workers, prefetch=cfg.data.prefetch)
 
 
+def training_splits(cfg: RunConfig) -> list[str]:
+    """The splits of the run's curriculum stages, each once."""
+    return list(dict.fromkeys(train_split(cfg.task, stage) for stage in range(cfg.task.stages)))
+
+
 def warn_of_uneven_deals(dataset: Dataset, cfg: RunConfig) -> None:
     """A training split whose shards deal badly to the lanes trains, with a warning on stderr."""
-    for split in dict.fromkeys(train_split(cfg.task, stage) for stage in range(cfg.task.stages)):
+    for split in training_splits(cfg):
         warning = deal_warning(loader_spec(cfg, dataset.root, split, training=True), dataset.shards(split))
         if warning:
             print(f"stairscale: warning: {warning}", file=sys.stderr, flush=True)
@@ -35,8 +40,8 @@ def check_splits(dataset: Dataset, cfg: RunConfig) -> dict[str, str]:
     a shard per lane; the evaluation splits (small) are read whole, every shard checked against its
     sha256: fail now, not at the first validation or after training. Returns the evaluation
     splits' content digests."""
-    for index in range(cfg.task.stages):
-        check_split(dataset, train_split(cfg.task, index), cfg.train.lanes)
+    for split in training_splits(cfg):
+        check_split(dataset, split, cfg.train.lanes)
     digests = {}
     for split in ("valid", "test"):
         check_split(dataset, split)

@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import yaml
@@ -19,7 +20,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from stairscale import files
-from stairscale.config import RunConfig, check_writable_dir
+from stairscale.config import RunConfig, check_writable_dir, reach
 from stairscale.data.lanes import Batch
 from stairscale.data.prepare import build_task, dataset_dir, train_split
 from stairscale.data.shards import Dataset
@@ -238,11 +239,12 @@ class Trainer:
         self.unread = []
         bad = next((step for step, s in enumerate(self.history[first:], first + 1) if not (math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]))), None)
         if collectives.any_rank(bad is not None, self.layout, self.device):  # the loss is on the last stage only
-            if bad is None:  # (a stage without the loss saw only a finite gradient norm)
-                self._diverged(f"by step {len(self.history)}")
-            self._diverged(f"at step {bad} (loss {self.history[bad - 1]['loss']}, gradient norm {self.history[bad - 1]['grad_norm']})")
+            # (a stage without the loss saw only a finite gradient norm)
+            where = f"by step {len(self.history)}" if bad is None else (
+                f"at step {bad} (loss {self.history[bad - 1]['loss']}, gradient norm {self.history[bad - 1]['grad_norm']})")
+            self._diverged(where)
 
-    def _diverged(self, where: str) -> None:
+    def _diverged(self, where: str) -> NoReturn:
         kept = f"; {BEST} keeps the weights of step {self.best['step']}" if self.best else ""
         clip = " or set train.grad_clip" if not self.cfg.train.grad_clip else ""
         raise TrainingDiverged(f"training diverged {where}: the run stops without a checkpoint{kept}. Lower train.lr, "
@@ -278,7 +280,7 @@ class Trainer:
         steps = self.cfg.train.steps
         self._save(CHECKPOINT, steps)
         results = {"train_seconds": train_seconds, "valid": self._validate(steps)}
-        test = self.best_test if self.best and self.best["step"] == steps else self._tally("test")
+        test = self.best_test if self.best and self.best["step"] == steps else self.score_split("test")
         results.update(self._test_results(test))
         self._scalars("test", results["test"], steps)
         if self.best:
@@ -317,7 +319,7 @@ class Trainer:
         valid = self._evaluate("valid", step)
         if self.cfg.train.keep_best and self._improves(valid):
             self._save(BEST, step)
-            self.best_test = self._tally("test")
+            self.best_test = self.score_split("test")
             self.best = {"step": step, "valid": valid, **self._test_results(self.best_test)}
             self.log(f"  the best validation so far: weights kept as {BEST}")
         return valid
@@ -329,14 +331,15 @@ class Trainer:
         better = self.layout.last_stage and finite and (self.best is None or selection_score(valid) < selection_score(self.best["valid"]))
         return collectives.any_rank(better, self.layout, self.device)
 
-    def _tally(self, split: str) -> Tally:
+    def score_split(self, split: str) -> Tally:
+        """The model's tally on a split now: validations capped at train.eval_batches, the test whole."""
         loader = make_loader(self.cfg, self.data_root, split, training=False, layout=self.layout)
         batches = self.cfg.train.eval_batches if split == "valid" else 0
         return evaluate(self.model, self.cfg, loader, self.device, self.layout, batches)
 
     def _evaluate(self, split: str, step: int) -> dict:
         started = time.perf_counter()
-        summary = self._tally(split).summary()
+        summary = self.score_split(split).summary()
         self._scalars(split, summary, step)
         self.curve.append({"step": step, **{f"{split}_{k}": v for k, v in summary.items()}})
         self.log(f"  {split} at step {step}: {headline(summary)} (loss {summary['loss']:.4f}; "
@@ -377,19 +380,6 @@ class Trainer:
 def selection_score(summary: dict) -> float:
     """What train.keep_best minimises: the error where the task has one, else the loss."""
     return summary.get("error", summary["loss"])
-
-
-def reach(cfg: RunConfig) -> int | None:
-    """How far back a model can see without carried state, or None for the staircase family,
-    whose carried state has no bound. With memory: attention span plus memory (the paper's
-    measure), or the stacked span of all layer passes if that is longer."""
-    m = cfg.model
-    if m.is_staircase:
-        return None
-    stacked = m.n_layers * m.repeats * (m.attn_lim - 1) + 1
-    if m.mem_len == 0:
-        return min(cfg.train.segment_len, stacked)
-    return max(m.attn_lim + m.mem_len, stacked)
 
 
 def _duration(seconds: float) -> str:
