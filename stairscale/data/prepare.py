@@ -109,9 +109,8 @@ def prepare_dataset(cfg: RunConfig, out_dir: str | Path, replace: bool = False) 
         vocab, splits, files[TOKENIZER] = bpe_encode(splits, cfg.task.bpe_vocab, cut_by_bytes=task.format != "files")
     if isinstance(task, TextTask):  # cut after tokenizing, so that no piece starts inside a character
         # Only the train split is dealt to lanes: evaluation pieces stay long, whatever the lanes.
-        train_shards = cfg.train.lanes if cfg.data.shard_docs else shards_per_split(cfg)
-        splits = {name: text_pieces(docs, cfg.task.piece_len, *((train_shards, cfg.train.lanes) if name == "train" else (1, 1)), vocab.bos_id)
-                  for name, docs in splits.items()}
+        dealt = {"train": (cfg.train.lanes if cfg.data.shard_docs else shards_per_split(cfg), cfg.train.lanes)}  # (shards, lanes)
+        splits = {name: text_pieces(docs, cfg.task.piece_len, *dealt.get(name, (1, 1)), vocab.bos_id) for name, docs in splits.items()}
     empty = [name for name, docs in splits.items() if not docs]
     if empty:  # only format "files" can leave a split empty: each non-empty file goes to one split
         raise DataError(f"task.path {task.path}: split {' and '.join(empty)} has no documents: each non-empty file "

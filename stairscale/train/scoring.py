@@ -62,8 +62,9 @@ def score_run(run_dir: str, split: str, overrides: list[str] = (), weights: str 
     device = resolve_device(cfg)
     dataset = Dataset(dataset_dir(cfg), cfg.data.on_bad_sample)
     check_split(dataset, split)
-    path = Path(run_dir) / (BEST if weights == "best" else CHECKPOINT)
-    payload = load_checkpoint(run_dir, path.name)
+    name = BEST if weights == "best" else CHECKPOINT
+    path = Path(run_dir) / name
+    payload = load_checkpoint(run_dir, name)
     check_model_config(payload.get("model_config"), cfg, path)
     other_data_asked = cfg.task != run_cfg.task or any(a.startswith("data.dir=") for a in overrides)
     check_scored_data(payload.get("data", {}), dataset, split, path, other_data_asked)
